@@ -1,0 +1,1 @@
+"""The collector agent: sources → parse → route/filter → buffer → Kafka sink."""

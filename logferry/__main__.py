@@ -1,0 +1,3 @@
+from logferry.cli import main
+
+main()

@@ -1,0 +1,108 @@
+"""TOML config loading, validated by pydantic models that forbid unknown keys.
+
+Each side owns its model (logferry.collectors.config.AgentConfig,
+logferry.processors.config.ProcessorConfig); this module holds what they share: the
+strict base model, the loader, and error messages that name the key and the problem.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from logferry.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: a typo in a key is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            problem = "unknown key (check the spelling; see `logferry config check --help`)"
+        elif e["type"] == "missing":
+            problem = "required key is missing"
+        else:
+            problem = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict | list):
+                problem += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {problem}")
+    return "\n".join(lines)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e, source)) from None
+
+
+def load(model: type[M], path: str | Path, overrides: dict[str, Any] | None = None) -> M:
+    """Read a TOML file into `model`; `overrides` (from CLI flags) are merged over it, deeply."""
+    data = read_toml(path)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return validate(model, data, str(path))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# Config kinds `logferry config check` knows, imported lazily so the CLI starts fast.
+KINDS = {
+    "agent": ("logferry.collectors.config", "AgentConfig"),
+    "processor": ("logferry.processors.config", "ProcessorConfig"),
+}
+
+
+def guess_kind(data: dict[str, Any]) -> str:
+    if "sources" in data or "agent" in data:
+        return "agent"
+    if "processor" in data or "handler" in data:
+        return "processor"
+    raise ConfigError(
+        "cannot tell whether this is an agent or a processor config "
+        "(an agent has [[sources]], a processor has [processor]); pass --kind"
+    )
+
+
+def check_file(path: str | Path, kind: str | None = None) -> BaseModel:
+    import importlib
+
+    data = read_toml(path)
+    kind = kind or guess_kind(data)
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    module, name = KINDS[kind]
+    model = getattr(importlib.import_module(module), name)
+    return validate(model, data, str(path))

@@ -1,0 +1,1 @@
+"""The consumer-group runtime: key-ordered parallel workers, commits, shaping, retries, dead letters."""
