@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from logferry import __version__
+from logferry.bench.cli import bench_app
 from logferry.broker import DEFAULT_KAFKA_VERSION, LocalCluster
 from logferry.broker.local import pid_alive
 from logferry.errors import LogferryError
@@ -36,6 +37,7 @@ schema_app = typer.Typer(help="The LogEntry Avro schema.")
 app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
 app.add_typer(schema_app, name="schema")
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True)
