@@ -103,13 +103,21 @@ def java_command() -> str:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """True while `pid` is a live (not zombie) Kafka JVM.
+
+    The command line guards against pid reuse; it can read empty for a moment while the
+    java launcher execs, so an empty one does not count as dead.
+    """
     if not pid:
         return False
     try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"kafka.Kafka" in f.read()
-    except OSError:
+            cmdline = f.read()
+    except (OSError, IndexError):
         return False
+    return state not in (b"Z", b"X") and (not cmdline or b"kafka.Kafka" in cmdline)
 
 
 def port_free(port: int) -> bool:
@@ -142,6 +150,7 @@ class LocalCluster:
     def __init__(self, home: Path | None = None) -> None:
         self.home = Path(home) if home else default_home()
         self.state_file = self.home / "cluster.json"
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}  # nodes this object spawned
 
     # ---- state -------------------------------------------------------------------------
     def state(self) -> ClusterState | None:
@@ -306,6 +315,7 @@ class LocalCluster:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        self._procs[node.node_id] = proc
         return proc.pid
 
     def wait_ready(self, state: ClusterState, timeout: float) -> None:
@@ -369,7 +379,9 @@ class LocalCluster:
             with contextlib.suppress(FileNotFoundError):
                 text = (logs / name).read_text(errors="replace").splitlines()
                 found += [ln for ln in text if name == "stdout.log" or " ERROR " in ln or " FATAL " in ln]
-        return "\n".join(found[-limit:]) or f"(nothing in {logs})"
+        proc = self._procs.get(node_id)
+        status = f"exit status {proc.poll()}; " if proc is not None else ""
+        return status + ("\n".join(found[-limit:]) or f"(nothing in {logs})")
 
     def tail(self, node_id: int = 1, lines: int = 50) -> str:
         path = self.log_file(node_id)
