@@ -21,8 +21,12 @@ from logferry import __version__
 from logferry.bench.cli import bench_app
 from logferry.broker import DEFAULT_KAFKA_VERSION, LocalCluster
 from logferry.broker.local import pid_alive
+from logferry.collectors.cli import collect
+from logferry.collectors.spool_cli import spool_app
 from logferry.errors import LogferryError
 from logferry.log import setup_logging
+from logferry.processors.cli import process
+from logferry.processors.offsets_cli import offsets_app
 
 app = typer.Typer(
     name="logferry",
@@ -38,6 +42,10 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
 app.add_typer(schema_app, name="schema")
 app.add_typer(bench_app, name="bench")
+app.command("collect")(collect)
+app.add_typer(spool_app, name="spool")
+app.add_typer(offsets_app, name="offsets")
+app.command("process")(process)
 
 out = Console()
 err = Console(stderr=True)
@@ -199,6 +207,34 @@ def schema_show(
         out.print(default_codec().fingerprint)
     else:
         out.print_json(json.dumps(schema_json()))
+
+
+# ---- live view ----------------------------------------------------------------------------
+@app.command("top")
+def top(
+    urls: Annotated[
+        list[str] | None, typer.Argument(help="Metrics endpoints (HOST:PORT or URL); default agent and processor.")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame (rates over one interval) and exit.")] = False,
+) -> None:
+    """Live view of running agents and processors: rates, drops, spool, lag per partition."""
+    from rich.live import Live
+
+    from logferry.top import render, scrape
+
+    targets = urls or ["127.0.0.1:9464", "127.0.0.1:9465"]
+    prev = [scrape(u) for u in targets]
+    if once:
+        time.sleep(interval)  # a rate needs two scrapes an interval apart
+        out.print(render(prev, [scrape(u) for u in targets]))
+        return
+    with Live(render(prev, prev), console=out, refresh_per_second=4) as live:
+        while True:
+            time.sleep(interval)
+            cur = [scrape(u) for u in targets]
+            live.update(render(prev, cur))
+            prev = cur
 
 
 # ---- the main job -------------------------------------------------------------------------

@@ -67,14 +67,16 @@ def load(model: type[M], path: str | Path, overrides: dict[str, Any] | None = No
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins key by key; None in `over` means "flag not given" and never overrides."""
     out = dict(base)
     for k, v in over.items():
         if v is None:
             continue
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
+        if isinstance(v, dict):
+            v = deep_merge(out[k] if isinstance(out.get(k), dict) else {}, v)
+            if not v and k not in out:
+                continue
+        out[k] = v
     return out
 
 

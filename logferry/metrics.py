@@ -39,6 +39,10 @@ ENTRIES_DROPPED = Counter(
     "logferry_entries_dropped_total", "Entries deliberately dropped, by reason (filtered, buffer_full, oversize, ...)",
     ["reason"],
 )  # fmt: skip
+ENTRIES_TRUNCATED = Counter(
+    "logferry_entries_truncated_total", "Entries cut to fit Kafka's max message size (attribute `truncated`)",
+    ["source"],
+)  # fmt: skip
 BUFFER_ENTRIES = Gauge("logferry_buffer_entries", "Entries waiting in the agent's buffer")
 BUFFER_BYTES = Gauge("logferry_buffer_bytes", "Bytes waiting in the agent's buffer")
 BUFFER_LIMIT_ENTRIES = Gauge("logferry_buffer_limit_entries", "Configured buffer limit in entries")
@@ -99,6 +103,10 @@ COMMITTED_OFFSET = Gauge(
 )
 LAG = Gauge("logferry_processor_lag", "Log end offset minus committed offset", ["group", "topic", "partition"])
 REPLAYS = Counter("logferry_processor_replays_total", "Seeks made for a replay", ["group", "trigger"])
+ENTRIES_BY_SERVICE = Counter(
+    "logferry_processor_entries_by_service_total", "Entries counted by the stats built-in, by service and level",
+    ["group", "service", "level"],
+)  # fmt: skip
 
 
 # ---- the HTTP endpoint --------------------------------------------------------------------

@@ -46,6 +46,13 @@ def test_overrides_from_flags_win(tmp_path):
     assert (cfg.kafka.bootstrap_servers, cfg.kafka.client_id) == ("b:2", "x")
 
 
+def test_unset_flags_in_a_missing_section_do_not_override_defaults(tmp_path):
+    p = write(tmp_path, "[kafka]\n")
+    cfg = load(AgentConfig, p, {"metrics": {"address": None}, "kafka": {"client_id": None}})
+    assert cfg.metrics.address == AgentConfig().metrics.address
+    assert cfg.kafka.client_id == "logferry"
+
+
 def test_bootstrap_from_environment(monkeypatch):
     monkeypatch.setenv("LOGFERRY_BOOTSTRAP_SERVERS", "env-host:9093")
     assert KafkaSettings().bootstrap_servers == "env-host:9093"
