@@ -36,7 +36,8 @@ class LineFramer:
         parts = data.split(b"\n")
         tail = parts.pop()
         frames = [self._trim(p) for p in parts if p and p != b"\r"]
-        if len(tail) > self.max_bytes:
+        # A pending line may be one byte over the limit when that byte is a '\r' its '\n' will strip.
+        if len(tail) > self.max_bytes + (tail[-1:] == b"\r"):
             frames.append(tail[: self.max_bytes])
             self.truncated += 1
             self._discarding = True
@@ -56,7 +57,8 @@ class LineFramer:
         """At end of stream: the last line had no newline; it is still an entry."""
         rest, self._buf = bytes(self._buf), bytearray()
         self._discarding = False
-        return [self._trim(rest)] if rest.strip(b"\r") else []
+        line = self._trim(rest)  # same rule as a line with its newline: "\r\r" is "\r", "\r" is nothing
+        return [line] if line else []
 
     @property
     def pending(self) -> int:
@@ -76,7 +78,7 @@ class OctetFramer:
         self._buf = bytearray()
         self._skip = 0  # bytes still to discard of an oversized octet-counted frame
         self._lines = LineFramer(max_bytes)
-        self.truncated = 0
+        self._octet_truncated = 0
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._skip:
@@ -104,7 +106,7 @@ class OctetFramer:
                 if available < self.max_bytes:
                     break
                 frames.append(bytes(buf[start : start + self.max_bytes]))
-                self.truncated += 1
+                self._octet_truncated += 1
                 consumed = min(length, available)
                 self._skip = length - consumed
                 pos = start + consumed
@@ -122,7 +124,6 @@ class OctetFramer:
         nl = buf.find(b"\n", pos)
         end = len(buf) if nl < 0 else nl + 1
         frames += self._lines.feed(bytes(buf[pos:end]))
-        self.truncated = max(self.truncated, self._lines.truncated)
         return end
 
     def flush(self) -> list[bytes]:
@@ -133,6 +134,11 @@ class OctetFramer:
             frames += self._lines.feed(bytes(self._buf)) + self._lines.flush()
         self._buf.clear()
         return frames
+
+    @property
+    def truncated(self) -> int:
+        """Frames cut at max_bytes, octet-counted and newline-delimited together."""
+        return self._octet_truncated + self._lines.truncated
 
     @property
     def has_half_frame(self) -> bool:
