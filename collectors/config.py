@@ -1,11 +1,36 @@
-"""The agent's config file (`logferry collect --config agent.toml`)."""
+"""The agent's config file (`logferry collect --config agent.toml`).
+
+Every section is validated up front: unknown keys, unknown source kinds or parsers, bad
+regexes and topic templates naming unknown fields fail before anything starts, with a
+message naming the key.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from logferry.collectors.spill import SpoolSettings
 from logferry.config import StrictModel
 from logferry.kafka import KafkaSettings
+
+ParserKind = Literal["raw", "json", "syslog", "logfmt", "regex"]
+Level = Literal["trace", "debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"]
+# Fields of a LogEntry a template, a key or a filter may name; anything else is an attribute.
+ENTRY_FIELDS = ("host", "source", "service", "level", "message")
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+    return value
 
 
 class MetricsSettings(StrictModel):
@@ -13,6 +38,147 @@ class MetricsSettings(StrictModel):
     enabled: bool = True
 
 
+class ParserSettings(StrictModel):
+    kind: ParserKind = "raw"
+    # regex parser: named groups become fields (message, level, service, timestamp, host) or attributes.
+    pattern: str | None = None
+    # json/logfmt: which keys hold the standard fields (first one present wins).
+    timestamp_keys: list[str] = Field(default_factory=lambda: ["timestamp", "time", "ts", "@timestamp"])
+    level_keys: list[str] = Field(default_factory=lambda: ["level", "severity", "lvl", "loglevel"])
+    message_keys: list[str] = Field(default_factory=lambda: ["message", "msg", "log"])
+    service_keys: list[str] = Field(default_factory=lambda: ["service", "app", "service_name"])
+
+    _pattern = field_validator("pattern")(_check_regex)
+
+    @model_validator(mode="after")
+    def _regex_needs_pattern(self) -> ParserSettings:
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("parser kind 'regex' needs `pattern` (named groups become fields)")
+        return self
+
+
+class MultilineSettings(StrictModel):
+    """Join continuation lines (stack traces) to the line before. Off unless start_pattern is set."""
+
+    start_pattern: str | None = None  # a line matching this starts a new entry
+    max_lines: int = Field(500, ge=1)
+    timeout: float = Field(1.0, gt=0)  # flush a pending entry after this many idle seconds
+
+    _start = field_validator("start_pattern")(_check_regex)
+
+
+class SourceSettings(StrictModel):
+    kind: str
+    address: str = ""
+    name: str | None = None
+    parser: ParserSettings | None = None  # None: the agent-wide [parser]
+    multiline: MultilineSettings | None = None  # None: the agent-wide [multiline]
+    attributes: dict[str, str] = Field(default_factory=dict)  # static, added to every entry
+    options: dict[str, Any] = Field(default_factory=dict)  # kind-specific (mode, owner, framing, ...)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from logferry.collectors.sources import KINDS, known_kinds
+
+        if v not in KINDS:
+            raise ValueError(f"unknown source kind {v!r}; known kinds: {known_kinds()}")
+        return v
+
+
+class FilterSettings(StrictModel):
+    min_level: Level | None = None  # drop entries below this level (entries without level are kept)
+    drop_levels: list[Level] = Field(default_factory=list)
+    drop_regex: str | None = None  # drop entries whose message matches
+    keep_regex: str | None = None  # keep only entries whose message matches
+    # field (entry field or attribute) → regex; an entry must match every one to be kept.
+    keep_fields: dict[str, str] = Field(default_factory=dict)
+    drop_fields: dict[str, str] = Field(default_factory=dict)
+
+    _regex = field_validator("drop_regex", "keep_regex")(_check_regex)
+
+    @field_validator("keep_fields", "drop_fields")
+    @classmethod
+    def _field_regexes(cls, v: dict[str, str]) -> dict[str, str]:
+        for pattern in v.values():
+            _check_regex(pattern)
+        return v
+
+
+class RouteSettings(StrictModel):
+    # Placeholders name entry fields or attributes: "logs.{service}", "logs.{host}.{level}".
+    topic: str = "logs"
+    default_value: str = "unknown"  # what a placeholder becomes when the field is missing
+    priority_topic: str | None = None  # entries at or above priority_level go here
+    priority_level: Level = "error"
+
+    @field_validator("topic", "priority_topic")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"bad topic template {v!r}: {e}") from None
+        if any(not n or not re.fullmatch(r"[A-Za-z_][\w.-]*", n) for n in names):
+            raise ValueError(f"bad topic template {v!r}: placeholders are field names like {{service}}")
+        return v
+
+
+class KeySettings(StrictModel):
+    field: str | None = "service"  # entry field or attribute; None: no key (round-robin)
+
+
+class BufferSettings(StrictModel):
+    max_entries: int = Field(100_000, ge=1)
+    max_bytes: int = Field(64 << 20, ge=1024)
+    # spill needs the disk spool (collectors.spool); the others keep everything in memory.
+    policy: Literal["block", "drop_newest", "drop_oldest", "spill"] = "block"
+
+
+class SinkSettings(StrictModel):
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
+    linger_ms: float = Field(20, ge=0)
+    batch_size: int = Field(1_000_000, ge=1)  # bytes per partition batch
+    batch_num_messages: int = Field(10_000, ge=1)
+    max_message_bytes: int = Field(1_000_000, ge=1024)  # the topic's max.message.bytes
+    oversize: Literal["truncate", "drop"] = "truncate"
+    delivery_timeout_ms: int = Field(300_000, ge=1000)
+    queue_max_messages: int = Field(500_000, ge=1)  # librdkafka's local queue
+
+
+class AgentSettings(StrictModel):
+    host: str | None = None  # None: this machine's host name
+    attributes: dict[str, str] = Field(default_factory=dict)  # static, added to every entry
+    grace_period: float = Field(10.0, ge=0)  # seconds to drain into Kafka on SIGTERM
+    # Checkpoints and the spool live here. None: $LOGFERRY_STATE_DIR, else /var/lib/logferry for root,
+    # else ~/.local/state/logferry/agent (collectors.fsutil.default_state_dir).
+    state_dir: Path | None = None
+
+
 class AgentConfig(StrictModel):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    sources: list[SourceSettings] = Field(default_factory=list)
+    parser: ParserSettings = Field(default_factory=ParserSettings)
+    multiline: MultilineSettings = Field(default_factory=MultilineSettings)
+    filter: FilterSettings = Field(default_factory=FilterSettings)
+    route: RouteSettings = Field(default_factory=RouteSettings)
+    key: KeySettings = Field(default_factory=KeySettings)
+    buffer: BufferSettings = Field(default_factory=BufferSettings)
+    sink: SinkSettings = Field(default_factory=SinkSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_names(cls, sources: list[SourceSettings]) -> list[SourceSettings]:
+        seen: set[str] = set()
+        for i, s in enumerate(sources):
+            if s.name is None:
+                s.name = f"{s.kind}-{i}" if s.kind != "stdin" else "stdin"
+            if s.name in seen:
+                raise ValueError(f"two sources are named {s.name!r}; give each a unique `name`")
+            seen.add(s.name)
+        return sources

@@ -36,6 +36,8 @@ log_once = LogOnce(log)
 READ_SIZE = 1 << 16
 MAX_DATAGRAM = 65535
 
+ACCEPTS_PER_ROUND = 128
+
 
 class SyslogOptions(StrictModel):
     max_message_bytes: int = Field(DEFAULT_MAX_FRAME, ge=64)  # longer messages are cut and counted
@@ -179,7 +181,9 @@ class SyslogSource(Source):
             sel.close()
 
     def _accept(self, listener: socket.socket, sel: selectors.BaseSelector) -> None:
-        while True:
+        # A bounded number per round, then serve reads: clients that already hung up are let go
+        # first, so a storm of short connections is not mistaken for max_connections open ones.
+        for _ in range(ACCEPTS_PER_ROUND):
             try:
                 conn, peer = listener.accept()
             except BlockingIOError:

@@ -1,0 +1,291 @@
+"""The Kafka sink: one thread moves records from the buffer into an idempotent producer.
+
+- enable.idempotence with acks=all: librdkafka retries retriable errors itself and keeps
+  per-partition order, so the sink never re-produces a record (that could reorder a key).
+- A full local queue (BufferError) is waited out with poll() and the same record is
+  offered again: order within the sink is the buffer's order.
+- Delivery reports drive the counters (delivered, failed by reason, latency from receipt
+  to ack, last delivery time, connection state) and the acknowledgements: each source's
+  ack tokens are handed back to `Source.delivered()` in the order the source emitted them,
+  only up to the first entry not yet settled. An entry Kafka refused for good is settled
+  too (counted in logferry_delivery_failures_total), so one poison entry cannot stop a
+  file source's checkpoints forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from prometheus_client import Histogram
+
+from logferry.collectors.buffer import Buffer, Record
+from logferry.collectors.config import SinkSettings
+from logferry.collectors.profiling import profiled
+from logferry.kafka import KafkaSettings
+from logferry.log import LogOnce
+from logferry.metrics import (
+    DELIVERED,
+    DELIVERED_BYTES,
+    DELIVERY_FAILURES,
+    DELIVERY_LATENCY,
+    KAFKA_CONNECTED,
+    LAST_DELIVERY,
+    SINK_BATCH,
+)
+from logferry.schemas import default_codec
+
+log = logging.getLogger("logferry.sink")
+AckCallback = Callable[[Sequence[Any]], None]
+GET_BATCH = 10_000
+
+
+def observe_many(hist: Histogram, counts: dict[float, int]) -> None:
+    """`hist.observe(v)` n times for each v → n, in one step per distinct value.
+
+    Entries of one source read arrive with one receive time, so a poll's thousands of
+    acks have a handful of distinct latencies. prometheus_client has no bulk observe;
+    this uses its long-stable internals and falls back to observe() if they change.
+    """
+    bounds, buckets, total = (getattr(hist, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for value, n in counts.items():
+            for _ in range(n):
+                hist.observe(value)
+        return
+    for value, n in counts.items():
+        buckets[bisect_left(bounds, value)].inc(n)
+        total.inc(value * n)
+
+
+class AckTracker:
+    """Hands one source's ack tokens back in emit order, as far as every earlier entry is settled."""
+
+    def __init__(self, deliver: AckCallback) -> None:
+        self.deliver = deliver
+        self._tokens: deque[Any] = deque()
+        self._done: deque[bool] = deque()
+        self._base = 0  # sequence number of the deque's head
+
+    def add(self, token: Any) -> int:
+        self._tokens.append(token)
+        self._done.append(False)
+        return self._base + len(self._tokens) - 1
+
+    def settle(self, seq: int) -> None:
+        self._done[seq - self._base] = True
+        if not self._done[0]:
+            return
+        ready = []
+        while self._done and self._done[0]:
+            self._done.popleft()
+            ready.append(self._tokens.popleft())
+            self._base += 1
+        try:
+            self.deliver(ready)
+        except Exception:  # a source's checkpoint problem must not stop deliveries
+            log.exception("source acknowledgement callback failed")
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+def producer_config(kafka: KafkaSettings, sink: SinkSettings, write_ahead: bool = False) -> dict[str, Any]:
+    """The producer's settings. `write_ahead` (the `spill` policy): every record waits in the disk
+    spool until Kafka acks it, so a delivery timeout would only turn an outage into a settled
+    failure and free the spool; librdkafka's 0 = retry until delivered (allowed with idempotence)."""
+    return kafka.client_config(
+        **{
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": sink.compression,
+            "linger.ms": sink.linger_ms,
+            "batch.size": sink.batch_size,
+            "batch.num.messages": sink.batch_num_messages,
+            "message.max.bytes": sink.max_message_bytes,
+            "delivery.timeout.ms": 0 if write_ahead else sink.delivery_timeout_ms,
+            "queue.buffering.max.messages": sink.queue_max_messages,
+            "queue.buffering.max.kbytes": 256 * 1024,
+        }
+    )
+
+
+class KafkaSink:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        settings: SinkSettings,
+        buffer: Buffer,
+        acks: dict[str, AckCallback] | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.settings = settings
+        self.headers = default_codec().headers
+        write_ahead = bool(getattr(buffer.spill, "write_ahead", False))
+        self.producer = Producer({**producer_config(kafka, settings, write_ahead), "error_cb": self._on_error})
+        self._trackers = {name: AckTracker(cb) for name, cb in (acks or {}).items()}
+        self._thread = threading.Thread(target=profiled(self._run, "kafka-sink"), name="kafka-sink", daemon=True)
+        self._stop = threading.Event()
+        self._drain_deadline: float | None = None
+        self._log_once = LogOnce(log)
+        # Per-poll tallies, pushed to Prometheus once per poll instead of once per entry.
+        self._tallies: dict[str, list[int]] = {}
+        self._latencies: dict[int, int] = {}  # record timestamp (ms) → entries acked in this poll
+        self.delivered_total = 0
+        self.failed_total = 0
+        self.produced_total = 0
+        KAFKA_CONNECTED.set(0)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> KafkaSink:
+        self._thread.start()
+        return self
+
+    def drain(self, grace: float) -> int:
+        """Deliver what the buffer and producer hold, for at most `grace` seconds; return what is left."""
+        self._drain_deadline = time.monotonic() + grace
+        self._thread.join(grace + 5)
+        self._stop.set()
+        self._thread.join(5)
+        left = len(self.buffer) + len(self.producer)
+        return left
+
+    def stop_now(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return len(self.buffer) + len(self.producer)
+
+    def close(self) -> None:
+        """Release the producer; what it still holds is purged (counted as failures, reason _PURGE_QUEUE)."""
+        self.producer.purge()
+        self.producer.poll(0)
+        self._flush_tallies()
+        close = getattr(self.producer, "close", None)  # confluent-kafka >= 2.11; older ones close on GC
+        if close is not None:
+            close()
+
+    def set_ack(self, source: str, deliver: AckCallback) -> None:
+        """A (re)started source's acknowledgement callback; entries in flight go to the new one."""
+        tracker = self._trackers.get(source)
+        if tracker is None:
+            self._trackers[source] = AckTracker(deliver)
+        else:
+            tracker.deliver = deliver
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.producer)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._step():
+                    return
+            except Exception:  # a bug in a callback must not silently stop all deliveries
+                log.exception("Kafka sink: unexpected error; continuing")
+
+    def _step(self) -> bool:
+        """One round: move what librdkafka has room for, serve callbacks. True when the drain is over."""
+        # Take only what librdkafka has room for: the rest waits in the buffer, where its
+        # limits and full-policy apply, rather than piling up unbounded in this thread.
+        room = min(GET_BATCH, self.settings.queue_max_messages - len(self.producer))
+        records = self.buffer.get(room, 0.05) if room > 0 else []
+        if room <= 0:
+            self.producer.poll(0.05)
+        if records:
+            SINK_BATCH.observe(len(records))
+            self._produce_all(records)
+        self.producer.poll(0)
+        self._flush_tallies()
+        deadline = self._drain_deadline
+        if deadline is None:
+            return False
+        if not records and len(self.buffer) == 0:
+            self.producer.flush(min(max(0.0, deadline - time.monotonic()), 0.5))
+            self._flush_tallies()
+            if len(self.producer) == 0:
+                return True
+        return time.monotonic() >= deadline
+
+    def _produce_all(self, records: list[Record]) -> None:
+        produce, headers, poll = self.producer.produce, self.headers, self.producer.poll
+        on_delivery = self._on_delivery
+        trackers = self._trackers
+        for topic, key, value, ts, source, token in records:
+            callback = on_delivery
+            if token is not None and (tracker := trackers.get(source)) is not None:
+                seq = tracker.add(token)
+                callback = self._ack_callback(tracker, seq)
+            while True:
+                try:
+                    produce(topic, value, key, headers=headers, timestamp=ts, on_delivery=callback)
+                    break
+                except BufferError:  # librdkafka's queue is full: let deliveries free it, then retry
+                    poll(0.05)
+                    self._flush_tallies()
+                    if self._stop.is_set():
+                        return
+                except KafkaException as e:  # refused before queueing (e.g. invalid topic name)
+                    self._failed(topic, e.args[0] if e.args else None)
+                    if callback is not on_delivery:
+                        callback(e.args[0] if e.args else KafkaError(KafkaError._INVALID_ARG), None)
+                    break
+        self.produced_total += len(records)
+
+    def _ack_callback(self, tracker: AckTracker, seq: int) -> Callable[[KafkaError | None, Message | None], None]:
+        def callback(err: KafkaError | None, msg: Message | None) -> None:
+            if msg is not None:
+                self._on_delivery(err, msg)
+            tracker.settle(seq)
+
+        return callback
+
+    # ---- callbacks (run inside poll(), on the sink thread) -------------------------------
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        topic = msg.topic() or "?"
+        if err is not None:
+            self._failed(topic, err)
+            return
+        tally = self._tallies.get(topic)
+        if tally is None:
+            tally = self._tallies[topic] = [0, 0]
+        tally[0] += 1
+        tally[1] += len(msg)
+        ts = msg.timestamp()[1]
+        self._latencies[ts] = self._latencies.get(ts, 0) + 1
+
+    def _failed(self, topic: str, err: KafkaError | None) -> None:
+        reason = err.name() if isinstance(err, KafkaError) else "unknown"
+        DELIVERY_FAILURES.labels(topic=topic, reason=reason).inc()
+        self.failed_total += 1
+        self._log_once.warning(f"delivery:{reason}", "Kafka refused an entry for topic %s: %s", topic, err)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            KAFKA_CONNECTED.set(0)
+        if err.fatal():
+            log.error("Kafka producer fatal error: %s", err)
+        else:
+            self._log_once.warning(f"kafka:{err.name()}", "Kafka: %s", err)
+
+    def _flush_tallies(self) -> None:
+        if not self._tallies:
+            return
+        now = time.time()
+        now_ms = now * 1000
+        for topic, (count, nbytes) in self._tallies.items():
+            DELIVERED.labels(topic=topic).inc(count)
+            DELIVERED_BYTES.labels(topic=topic).inc(nbytes)
+            self.delivered_total += count
+        observe_many(DELIVERY_LATENCY, {max(0.0, (now_ms - ts) / 1000): n for ts, n in self._latencies.items()})
+        self._tallies.clear()
+        self._latencies.clear()
+        LAST_DELIVERY.set(now)
+        KAFKA_CONNECTED.set(1)
