@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -147,7 +148,10 @@ def free_ports(n: int) -> list[int]:
 class LocalCluster:
     """One or more KRaft nodes (combined broker+controller) on 127.0.0.1."""
 
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, tie_to_parent: bool = False) -> None:
+        # tie_to_parent: nodes die with the process that started them (tests, demo), so a
+        # killed test run never leaves brokers behind. `broker start` leaves them running.
+        self.tie_to_parent = tie_to_parent
         self.home = Path(home) if home else default_home()
         self.state_file = self.home / "cluster.json"
         self._procs: dict[int, subprocess.Popen[bytes]] = {}  # nodes this object spawned
@@ -313,8 +317,9 @@ class LocalCluster:
         ]  # fmt: skip
         with (d / "logs" / "stdout.log").open("ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent if self.tie_to_parent else None,
+            )  # fmt: skip
         self._procs[node.node_id] = proc
         return proc.pid
 
@@ -411,6 +416,12 @@ def _terminate(pids: list[int | None], timeout: float, kill: bool) -> None:
             os.waitpid(p, os.WNOHANG)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the parent exits (Linux prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # 1 == PR_SET_PDEATHSIG
+
+
 def min_heap(heap: str) -> str:
     return "128m" if heap.lower().endswith(("m", "g")) else heap
 
@@ -421,7 +432,7 @@ def ephemeral_cluster(
 ) -> Iterator[LocalCluster]:
     """A throw-away cluster on free ports in a temp dir, stopped and removed on exit (tests, demo)."""
     with tempfile.TemporaryDirectory(prefix="logferry-kafka-") as home:
-        cluster = LocalCluster(Path(home))
+        cluster = LocalCluster(Path(home), tie_to_parent=True)
         cluster.start(version=version, nodes=nodes, port=0, heap=heap)
         try:
             yield cluster
