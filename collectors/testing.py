@@ -27,7 +27,7 @@ class Delivered:
 
 
 def read_topic(
-    settings: KafkaSettings, topic: str, expect: int, timeout: float = 30.0, settle: float = 0.0
+    settings: KafkaSettings, topic: str, expect: int, timeout: float = 60.0, settle: float = 0.0
 ) -> list[Delivered]:
     """Consume `topic` from the start until `expect` records arrived (or `timeout`), then `settle` s more.
 
