@@ -165,6 +165,10 @@ class FileSource(Source):
     def _scan(self, first: bool) -> None:
         now = time.monotonic()
         tracked = False
+        # `start_at` is for files seen by the very first scan only: after a crash + restart, a file
+        # that appeared meanwhile (e.g. rotated in) is new and read whole.
+        from_end = first and self._first_run and self.start_at == "end"
+        self._first_run = False
         at_paths: set[tuple[int, int]] = set()
         for path in sorted(glob.glob(self.address)):
             try:
@@ -179,8 +183,7 @@ class FileSource(Source):
             if t is not None:
                 t.path, t.gone_since = path, None
                 continue
-            start = st.st_size if first and self._first_run and self.start_at == "end" else 0
-            tracked |= self._track(path, start_default=start) is not None
+            tracked |= self._track(path, start_default=st.st_size if from_end else 0) is not None
         for key, t in self._files.items():
             if key not in at_paths and t.gone_since is None:
                 t.gone_since = now
