@@ -27,6 +27,7 @@ from logferry.errors import LogferryError
 from logferry.log import setup_logging
 from logferry.processors.cli import process
 from logferry.processors.offsets_cli import offsets_app
+from logferry.processors.replay_cli import replay
 
 app = typer.Typer(
     name="logferry",
@@ -46,6 +47,7 @@ app.command("collect")(collect)
 app.add_typer(spool_app, name="spool")
 app.add_typer(offsets_app, name="offsets")
 app.command("process")(process)
+app.command("replay")(replay)
 
 out = Console()
 err = Console(stderr=True)
@@ -239,11 +241,16 @@ def top(
 
 # ---- the main job -------------------------------------------------------------------------
 @app.command("demo")
-def demo(bootstrap_servers: BootstrapOpt = None) -> None:
+def demo(
+    bootstrap_servers: BootstrapOpt = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller, shorter run (about 30 s).")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the plot, summary and logs go.")] = Path("demo-results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
     """Run the whole pipeline on the local broker (or --bootstrap-servers) and report what happened."""
     from logferry.demo import run_demo
 
-    raise typer.Exit(run_demo(bootstrap_servers, out))
+    raise typer.Exit(run_demo(bootstrap_servers, out, quick=quick, out=out_dir, as_json=as_json))
 
 
 def main() -> None:
