@@ -27,15 +27,33 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from rich.console import Console
-from rich.table import Table
 
-out = Console(width=150)
+from logferry.bench.common import (
+    DEFAULT_OUT,
+    BootstrapOpt,
+    FullOpt,
+    OutOpt,
+    RepeatOpt,
+    Report,
+    Run,
+    Sample,
+    alternate,
+    finish,
+    java_version,
+    kafka,
+    machine_info,
+    out,
+    ratio,
+    repetitions,
+)
+from logferry.broker.maven import DEFAULT_KAFKA_VERSION
+
 PARTITIONS = 6
 KEYS = 1000
 
@@ -187,77 +205,126 @@ def fill(bootstrap: str, topic: str, n: int) -> int:
     return total
 
 
+def consumer_performance(bootstrap: str, topic: str, n: int, version: str) -> Sample:
+    """Kafka's own ConsumerPerformance from the broker's jars; its fetch rate leaves out the group join."""
+    from logferry.bench.common import wait_child
+    from logferry.broker import maven
+    from logferry.broker.local import java_command
+
+    cmd = [java_command(), "-Xmx512m", "-cp", f"{maven.resolve(version)}/*",
+           "org.apache.kafka.tools.ConsumerPerformance", "--bootstrap-server", bootstrap, "--topic", topic,
+           "--num-records", str(n), "--group", f"bench-cp-{uuid.uuid4().hex[:8]}", "--timeout", "60000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text: list[str] = []
+    reader = threading.Thread(target=lambda: text.append(proc.stdout.read()))  # type: ignore[union-attr]
+    reader.start()
+    code, cpu, rss = wait_child(proc, 900)
+    reader.join()
+    lines = [line for line in "".join(text).splitlines() if line.count(",") >= 9 and not line.startswith("start")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"ConsumerPerformance failed ({code}):\n{''.join(text)[-2000:]}")
+    fields = [f.strip() for f in lines[-1].split(",")]
+    consumed, fetch_rate = int(fields[4]), float(fields[9])
+    # CPU and RSS include the JVM's start-up and the group join; the rate is the fetch phase only.
+    return Sample(consumed, consumed / fetch_rate, cpu, rss)
+
+
+def _sample(r: dict[str, Any]) -> Sample:
+    return Sample(r["entries"], r["seconds"], r["cpu_seconds"], r["peak_rss_mb"])
+
+
 def process(
-    entries: Annotated[int, typer.Option(help="Records for the no-op comparison.")] = 200_000,
-    io_entries: Annotated[int, typer.Option(help="Records for the 5 ms handler (runtime side).")] = 20_000,
-    sequential_entries: Annotated[int, typer.Option(help="Records for the sequential 5 ms reference.")] = 300,
-    concurrency: Annotated[int, typer.Option(help="Runtime concurrency for the 5 ms handler.")] = 128,
-    bootstrap_servers: Annotated[
-        str | None, typer.Option("--bootstrap-servers", "-b", help="Use this Kafka instead of a throw-away one.")
+    entries: Annotated[
+        int | None, typer.Option(help="Records for the no-op comparison (default 50000, --full 1M).")
     ] = None,
+    io_entries: Annotated[int | None, typer.Option(help="Records for the 5 ms handler (default 10000).")] = None,
+    sequential_entries: Annotated[int | None, typer.Option(help="Records for the sequential 5 ms reference.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Runtime concurrency for the 5 ms handler.")] = 128,
+    bootstrap_servers: BootstrapOpt = None,
+    kafka_version: Annotated[str, typer.Option(help="Version of ConsumerPerformance's jars.")] = DEFAULT_KAFKA_VERSION,
+    consumer_perf: Annotated[bool, typer.Option(help="Run Kafka's ConsumerPerformance beside the no-op sides.")] = True,
     profile: Annotated[bool, typer.Option(help="Profile the no-op runtime side and print its top functions.")] = False,
-    rounds: Annotated[int, typer.Option(help="Alternating rounds of the no-op sides (best kept).")] = 2,
+    repeat: RepeatOpt = None,
+    full: FullOpt = False,
+    out_dir: OutOpt = DEFAULT_OUT,
 ) -> None:
-    """Processor runtime vs raw confluent-kafka loops: no-op throughput and 5 ms I/O-bound speed-up."""
-    if bootstrap_servers:
-        _run(bootstrap_servers, entries, io_entries, sequential_entries, concurrency, profile, rounds)
-        return
-    from logferry.broker import ephemeral_cluster
+    """Processor runtime vs raw confluent-kafka loop and ConsumerPerformance; 5 ms handler vs sequential."""
+    n = entries or (1_000_000 if full else 50_000)
+    io_n = io_entries or (100_000 if full else 10_000)
+    seq_n = sequential_entries or (1_000 if full else 200)
+    with kafka(bootstrap_servers) as bootstrap:
+        report = measure(bootstrap, n, io_n, seq_n, concurrency, repetitions(repeat, full), kafka_version,
+                         consumer_perf, profile, full)  # fmt: skip
+        finish(report, out_dir)
+        if profile and "profile" in report.extra:
+            out.print(report.extra.pop("profile"), markup=False, highlight=False)
 
-    with out.status("starting a throw-away Kafka…"), ephemeral_cluster() as cluster:
-        _run(cluster.bootstrap_servers, entries, io_entries, sequential_entries, concurrency, profile, rounds)
 
-
-def _run(
-    bootstrap: str, entries: int, io_entries: int, seq_entries: int, concurrency: int, profile: bool, rounds: int
-) -> None:
+def measure(
+    bootstrap: str, entries: int, io_entries: int, seq_entries: int, concurrency: int, repeat: int,
+    kafka_version: str, consumer_perf: bool = True, profile: bool = False, full: bool = False,
+) -> Report:  # fmt: skip
     topic = f"bench-process-{uuid.uuid4().hex[:8]}"
-    with out.status(f"filling {topic} with {entries} records…"):
+    with out.status(f"filling {topic} with {max(entries, io_entries)} records…"):
         value_bytes = fill(bootstrap, topic, max(entries, io_entries))
     avg = value_bytes / max(entries, io_entries)
-    rows: list[tuple[str, dict[str, Any]]] = []
-    with out.status("running the sides…"):
-        # The machine is shared: alternate the two no-op sides and keep each one's best round.
-        raws, rts = [], []
-        for _ in range(rounds):
-            raws.append(_side("raw", {"bootstrap": bootstrap, "topic": topic, "n": entries, "decode": True}))
-            rts.append(_side("runtime", {"bootstrap": bootstrap, "topic": topic, "n": entries, "kind": "noop",
-                                         "concurrency": 64, "profile": profile}))  # fmt: skip
-        raw = min(raws, key=lambda r: r["seconds"])
-        rt = min(rts, key=lambda r: r["seconds"])
-        rows.append((f"raw consume(500) + decode + no-op (best of {rounds})", raw))
-        bare = _side("raw", {"bootstrap": bootstrap, "topic": topic, "n": entries, "decode": False})
-        rows.append(("raw consume(500), no decode (scale only)", bare))
-        rows.append((f"Processor key-ordered no-op, 64 threads (best of {rounds})", rt))
-        seq = _side("raw", {"bootstrap": bootstrap, "topic": topic, "n": seq_entries, "decode": True,
-                            "sleep": 0.005})  # fmt: skip
-        rows.append(("sequential consumer, 5 ms handler", seq))
-        io_t = _side("runtime", {"bootstrap": bootstrap, "topic": topic, "n": io_entries, "kind": "sleep",
-                                 "concurrency": concurrency})  # fmt: skip
-        rows.append((f"Processor 5 ms time.sleep ({concurrency} threads)", io_t))
-        io_a = _side("runtime", {"bootstrap": bootstrap, "topic": topic, "n": io_entries, "kind": "async",
-                                 "concurrency": concurrency * 2})  # fmt: skip
-        rows.append((f"Processor 5 ms asyncio.sleep ({concurrency * 2} tasks)", io_a))
-    table = Table(title=f"logferry bench process — {PARTITIONS} partitions, {KEYS} keys, ~{avg:.0f} B/record")
-    for col in ("side", "records", "seconds", "records/s", "MB/s", "CPU s (process)", "peak RSS MB"):
-        table.add_column(col, justify="right" if col != "side" else "left")
-    for name, r in rows:
-        rate = r["entries"] / r["seconds"]
-        table.add_row(name, str(r["entries"]), f"{r['seconds']:.2f}", f"{rate:,.0f}", f"{rate * avg / 1e6:.1f}",
-                      f"{r['cpu_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}")  # fmt: skip
-    out.print(table)
+    versions: dict[str, str | None] = {"kafka (ConsumerPerformance)": kafka_version if consumer_perf else None}
+    if consumer_perf:
+        versions["java"] = java_version()
+    report = Report(
+        "process",
+        f"{PARTITIONS} partitions, {KEYS} keys, ~{avg:.0f} B Avro records",
+        {"entries": entries, "io_entries": io_entries, "sequential_entries": seq_entries, "concurrency": concurrency,
+         "repetitions": repeat, "full": full},
+        machine_info(versions),
+    )  # fmt: skip
+    noop = "no-op handler"
+    runs = {
+        "raw": Run("raw consume(500) + decode + no-op", avg, noop),
+        "runtime": Run("logferry Processor key-ordered, 64 threads", avg, noop),
+        "bare": Run("raw consume(500), no decode (scale only)", avg, noop),
+    }
 
-    def rate(r: dict[str, Any]) -> float:
-        return r["entries"] / r["seconds"]
+    def side(name: str, n: int, **args: Any) -> Callable[[], Sample]:
+        return lambda: _sample(_side(name, {"bootstrap": bootstrap, "topic": topic, "n": n, **args}))
 
-    out.print(f"no-op: runtime / raw consume+decode = [bold]{rate(rt) / rate(raw):.2f}x[/bold] (target >= 0.8x); "
-              f"runtime / bare consume = {rate(rt) / rate(bare):.2f}x")  # fmt: skip
-    out.print(f"no-op CPU per record: runtime / raw consume+decode = {rt['cpu_seconds'] / raw['cpu_seconds']:.2f}x "
-              "(wall-clock ratios swing with other load on the machine; CPU does less)")  # fmt: skip
-    out.print(f"5 ms handler: threads / sequential = [bold]{rate(io_t) / rate(seq):.0f}x[/bold], "
-              f"asyncio / sequential = [bold]{rate(io_a) / rate(seq):.0f}x[/bold] (target >= 50x)")  # fmt: skip
-    if profile and "profile" in rt:
-        out.print(rt["profile"], markup=False, highlight=False)
+    sides = {
+        "raw": side("raw", entries, decode=True),
+        "runtime": side("runtime", entries, kind="noop", concurrency=64),
+        "bare": side("raw", entries, decode=False),
+    }
+    if consumer_perf:
+        runs["cp"] = Run(f"Kafka ConsumerPerformance {kafka_version}", avg, noop)
+        sides["cp"] = lambda: consumer_performance(bootstrap, topic, entries, kafka_version)
+    io = "5 ms I/O handler"
+    runs |= {
+        "seq": Run("sequential consumer", avg, io),
+        "threads": Run(f"logferry Processor, time.sleep, {concurrency} threads", avg, io),
+        "async": Run(f"logferry Processor, asyncio.sleep, {concurrency * 2} tasks", avg, io),
+    }
+    sides |= {
+        "seq": side("raw", seq_entries, decode=True, sleep=0.005),
+        "threads": side("runtime", io_entries, kind="sleep", concurrency=concurrency),
+        "async": side("runtime", io_entries, kind="async", concurrency=concurrency * 2),
+    }
+    with out.status("process: running the sides (alternating)…"):
+        # The machine may be shared: every side runs `repeat` times, in rotating order.
+        alternate(sides, runs, repeat)
+        if profile:
+            args = {"bootstrap": bootstrap, "topic": topic, "n": entries, "kind": "noop", "concurrency": 64}
+            report.extra["profile"] = _side("runtime", {**args, "profile": True})["profile"]
+    report.runs = list(runs.values())
+    report.ratios.append(ratio("no-op: Processor / raw consume+decode", runs["runtime"], runs["raw"], 0.8))
+    report.ratios.append(ratio("no-op: Processor / raw consume, no decode", runs["runtime"], runs["bare"]))
+    if consumer_perf:
+        report.ratios.append(ratio("no-op: Processor / ConsumerPerformance", runs["runtime"], runs["cp"]))
+    report.ratios.append(ratio("5 ms: Processor threads / sequential", runs["threads"], runs["seq"], 50))
+    report.ratios.append(ratio("5 ms: Processor asyncio / sequential", runs["async"], runs["seq"], 50))
+    cpu_rt, cpu_raw = runs["runtime"].cpu_per_million(), runs["raw"].cpu_per_million()
+    if cpu_rt and cpu_raw:  # wall-clock ratios swing with other load on a shared machine; CPU per record less
+        report.notes.append(f"no-op CPU per record: Processor / raw consume+decode = {cpu_rt / cpu_raw:.2f}x")
+    report.notes.append("Each side is its own process; CPU s and RSS are that process's (JVM start-up included).")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""The bench harness must not rot: each suite's smallest run, end to end, against the session broker.
+
+These are not performance tests: they check that every suite runs its sides, and writes a
+JSON report with the expected fields, positive numbers and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from logferry.bench.cli import bench_app
+
+pytestmark = pytest.mark.kafka
+
+
+def run_suite(tmp_path: Path, *args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(bench_app, [*args, "--repeat", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    suite = args[0]
+    assert (tmp_path / f"{suite}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / f"{suite}.json").read_text())
+    assert report["suite"] == suite
+    assert report["machine"]["cores"] >= 1 and report["machine"]["memory_gib"] > 0
+    assert report["machine"]["versions"]["librdkafka"]
+    for run in report["runs"]:
+        assert run["repetitions"] == 1, run
+        assert run["entries_per_s"]["min"] > 0 and run["mb_per_s"]["median"] > 0, run
+        assert run["entries_per_s"]["min"] <= run["entries_per_s"]["median"] <= run["entries_per_s"]["max"]
+    for ratio in report["ratios"]:
+        assert ratio["value"] > 0, ratio
+    return report
+
+
+def names(report: dict[str, Any]) -> list[str]:
+    return [r["name"] for r in report["runs"]]
+
+
+def test_ipc_every_source_beside_its_bare_channel(tmp_path: Path) -> None:
+    from logferry.bench.ipc import KINDS
+
+    report = run_suite(tmp_path, "ipc", "--entries", "300", "--sizes", "100")
+    for kind in KINDS:
+        assert f"bare {kind}" in names(report) and f"logferry {kind} source" in names(report)
+        assert any(r["name"] == f"{kind} 100 B: logferry / bare" and r["target"] == 0.5 for r in report["ratios"])
+    for run in report["runs"]:
+        assert run["samples"][0]["entries"] == 300 and run["cpu_s_per_million"] > 0
+
+
+def test_ingest_agent_beside_producer_performance_and_peers(tmp_path: Path, kafka_bootstrap: str) -> None:
+    report = run_suite(tmp_path, "ingest", "-b", kafka_bootstrap, "--entries", "2000", "--no-install")
+    measured = names(report)
+    assert "logferry agent (unix socket)" in measured and "Kafka ProducerPerformance" in measured
+    assert report["params"]["producer"]["acks"] == "all" and report["params"]["producer"]["enable.idempotence"]
+    # Peers that are not installed are reported as skipped, with the reason; never silently left out.
+    for peer, label in (("rsyslog", "rsyslog imptcp → omkafka"), ("kcat", "kcat -P -l file")):
+        assert label in measured or any(s.startswith(f"{peer}: skipped — ") for s in report["skipped"])
+    agent = next(r for r in report["runs"] if r["name"].startswith("logferry"))
+    assert agent["cpu_s_per_million"] > 0 and agent["peak_rss_mb"] > 0
+    assert any(r["name"] == "logferry / Kafka ProducerPerformance" for r in report["ratios"])
+
+
+def test_latency_percentiles_at_each_rate(tmp_path: Path, kafka_bootstrap: str) -> None:
+    report = run_suite(tmp_path, "latency", "-b", kafka_bootstrap, "--rates", "200,1000", "--seconds", "0.5")
+    # The Processor and the raw poll loop both saw every entry written at each rate.
+    for side in ("logferry", "raw"):
+        for rate, entries in (("200", 100), ("1000", 500)):
+            pct = report["latency_ms"][side][rate]
+            assert pct["entries"] == entries
+            assert 0 < pct["p50"] <= pct["p99"] <= pct["p99.9"] <= pct["max"]
+    assert report["latency_ms"]["logferry"]["1000"]["write_to_agent_received"]["p50"] >= 0
+
+
+def test_process_runtime_beside_raw_loop_consumer_performance_and_sequential(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    args = ["--entries", "1000", "--io-entries", "300", "--sequential-entries", "20", "--concurrency", "32"]
+    report = run_suite(tmp_path, "process", "-b", kafka_bootstrap, *args)
+    measured = names(report)
+    for name in ("raw consume(500) + decode + no-op", "logferry Processor key-ordered, 64 threads",
+                 "sequential consumer"):  # fmt: skip
+        assert name in measured
+    assert any(n.startswith("Kafka ConsumerPerformance") for n in measured)
+    ratios = {r["name"]: r for r in report["ratios"]}
+    assert ratios["no-op: Processor / raw consume+decode"]["target"] == 0.8
+    assert ratios["5 ms: Processor threads / sequential"]["target"] == 50
