@@ -222,7 +222,13 @@ class Runtime:
         timeout = 0.01 if paused_all else 0.1
         if self.held and self.bucket is not None:
             timeout = min(timeout, max(0.001, self.bucket.wait_time()))
-        msgs = self.consumer.consume(self.s.batch_size, timeout)
+        # consume(n, t) waits until n records or t passed, so a trickle would wait the whole
+        # timeout per batch: take what is there, else wait for the first record only.
+        msgs = self.consumer.consume(self.s.batch_size, 0)
+        if not msgs:
+            msgs = self.consumer.consume(1, timeout)
+            if msgs and self.s.batch_size > 1:
+                msgs += self.consumer.consume(self.s.batch_size - 1, 0)
         self.producer.poll(0)
         if msgs:
             self._count(self._consumed, CONSUMED, msgs)
