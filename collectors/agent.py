@@ -115,18 +115,27 @@ class Agent:
             for src in opened:
                 src.close()
             raise
-        self.buffer = Buffer(cfg.buffer.max_entries, cfg.buffer.max_bytes, cfg.buffer.policy, spill)
-        acks = {n: src.delivered for n, src in self.sources.items() if type(src).delivered is not Source.delivered}
-        self.sink = KafkaSink(cfg.kafka, cfg.sink, self.buffer, acks)
-        if spill is not None and hasattr(spill, "attach"):
-            spill.attach(self.sink, acks)  # spooled records are acknowledged to the spool, then to their source
-        self.sink.start()
-        if cfg.metrics.enabled:
-            health = Health()
-            sink = self.sink
-            health.alive = lambda: sink._thread.is_alive()
-            health.ready = lambda: sink._thread.is_alive() and bool(self.sources)
-            self.metrics = MetricsServer(cfg.metrics.address, health).start()
+        try:  # nothing half-started: a failure below (e.g. metrics address in use) closes the sources again
+            self.buffer = Buffer(cfg.buffer.max_entries, cfg.buffer.max_bytes, cfg.buffer.policy, spill)
+            acks = {n: src.delivered for n, src in self.sources.items() if type(src).delivered is not Source.delivered}
+            self.sink = KafkaSink(cfg.kafka, cfg.sink, self.buffer, acks)
+            if spill is not None and hasattr(spill, "attach"):
+                spill.attach(self.sink, acks)  # spooled records are acknowledged to the spool, then to their source
+            self.sink.start()
+            if cfg.metrics.enabled:
+                health = Health()
+                sink = self.sink
+                health.alive = lambda: sink._thread.is_alive()
+                health.ready = lambda: sink._thread.is_alive() and bool(self.sources)
+                self.metrics = MetricsServer(cfg.metrics.address, health).start()
+        except BaseException:
+            if self.sink is not None:
+                self.sink.stop_now()
+            for src in opened:
+                src.close()
+            if spill is not None and hasattr(spill, "close"):
+                spill.close()
+            raise
         BUILD_INFO.info({"version": __version__, "role": "agent"})
         for name in self.sources:
             self._spawn(name)

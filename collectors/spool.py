@@ -24,6 +24,7 @@ yet acknowledged are held.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -39,9 +40,11 @@ from typing import BinaryIO, Literal, NamedTuple
 
 from logferry.collectors.fsutil import FILE_MODE, atomic_write, fsync_dir, private_dir
 from logferry.errors import ConfigError
+from logferry.log import LogOnce
 from logferry.metrics import ENTRIES_DROPPED, SPOOL_BYTES, SPOOL_CORRUPT, SPOOL_ENTRIES, SPOOL_OLDEST, SPOOL_SEGMENTS
 
 log = logging.getLogger("logferry.spool")
+_log_once = LogOnce(log)
 
 MAGIC = 0x4C46
 HEADER = struct.Struct("<HIIq")  # magic, payload length, crc32, received_at (µs)
@@ -268,11 +271,17 @@ class Spool:
                 size = sum(map(len, batch))
                 if not self._make_room(size):
                     break
-                seg = self._segments[self._wseq]
-                if seg.size and seg.size + size > self.segment_bytes:
-                    self._new_write_segment()
+                while True:
                     seg = self._segments[self._wseq]
-                _write_all(self._wfd, b"".join(batch))
+                    if seg.size and seg.size + size > self.segment_bytes:
+                        self._new_write_segment()
+                        seg = self._segments[self._wseq]
+                    if self._write_batch(seg, b"".join(batch)):
+                        break
+                    if not self._disk_full():
+                        break
+                if self._closed:  # closed while waiting for disk space: this batch was not stored
+                    break
                 seg.size += size
                 seg.records += len(batch)
                 seg.live += len(batch)
@@ -298,17 +307,40 @@ class Spool:
             self._cond.wait(0.5)
         return True
 
+    def _write_batch(self, seg: _Segment, data: bytes) -> bool:
+        """Append `data` to the write segment; False (and nothing of it kept) when the disk is full."""
+        try:
+            _write_all(self._wfd, data)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            os.ftruncate(self._wfd, seg.size)  # no torn batch stays behind (O_APPEND writes resume there)
+            return False
+        return True
+
+    def _disk_full(self) -> bool:
+        """ENOSPC before the spool's own cap: `when_full` applies as at the cap. False once closed."""
+        _log_once.warning("enospc", "spool %s: no space left on the device; applying when_full=%s",
+                          self.dir, self.when_full)  # fmt: skip
+        if self._closed:
+            return False
+        if not (self.when_full == "drop_oldest" and len(self._segments) > 1 and self._drop_oldest_segment()):
+            self._cond.wait(0.5)  # block: acknowledgements reclaim segments and free the disk
+        return not self._closed
+
     def _drop_oldest_segment(self) -> bool:
         oldest = min(self._segments)
         if oldest == self._wseq:
             self._new_write_segment()  # the write segment alone fills the spool: seal it and drop it
         seg = self._segments.pop(oldest)
-        if seg.live:
-            ENTRIES_DROPPED.labels(reason="spool_full").inc(seg.live)
-            log.warning("spool %s full: dropped segment %d with %d entries", self.dir, seg.seq, seg.live)
+        handed_out = sum(1 for p, ts in self._inflight.items() if p.segment == oldest and ts != _DAMAGED)
+        # Records already handed to the sink are still delivered from memory: only unread ones are lost.
+        if seg.live - handed_out:
+            ENTRIES_DROPPED.labels(reason="spool_full").inc(seg.live - handed_out)
+            log.warning("spool %s full: dropped segment %d with %d unsent entries (%d more in flight)",
+                        self.dir, seg.seq, seg.live - handed_out, handed_out)  # fmt: skip
         self._entries -= seg.live
         self._bytes -= seg.size
-        handed_out = sum(1 for p, ts in self._inflight.items() if p.segment == oldest and ts != _DAMAGED)
         self._unread -= seg.live - handed_out
         for pos in [p for p in self._inflight if p.segment == oldest]:
             del self._inflight[pos]
@@ -455,7 +487,15 @@ class Spool:
             self._unread = self._entries
 
     def _save_cursor(self) -> None:
-        atomic_write(self.dir / CURSOR_FILE, json.dumps({"segment": self._ack[0], "offset": self._ack[1]}).encode())
+        try:
+            atomic_write(self.dir / CURSOR_FILE, json.dumps({"segment": self._ack[0], "offset": self._ack[1]}).encode())
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Disk full: reclaiming segments is what frees it. A crash before the next save
+            # only re-sends acknowledged records (the open falls back to the oldest segment).
+            _log_once.warning("cursor-enospc", "spool %s: cursor not saved (no space left); retried later", self.dir)
+            return
         self._cursor_saved_at = time.monotonic()
         self._cursor_dirty = False
 

@@ -24,7 +24,7 @@ BATCH = 1024  # datagrams per emitted batch at most, so a flood still lets `stop
 
 
 class UnixDatagramOptions(SocketFileOptions):
-    mode: FileMode = 0o666  # like /dev/log: any local process may log
+    mode: FileMode = 0o660  # secure default (issue 9); 0o666 for a /dev/log any local process may use
     max_datagram_bytes: int = Field(256 * 1024, ge=1024)
     receive_buffer_bytes: int | None = Field(4 << 20, ge=4096)  # SO_RCVBUF; None keeps the kernel default
 

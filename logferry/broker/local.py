@@ -50,6 +50,7 @@ class Node:
     port: int
     controller_port: int
     pid: int | None = None
+    sasl_port: int | None = None  # a SASL_PLAINTEXT (SCRAM-SHA-256) listener, when started with sasl_users
 
     @property
     def address(self) -> str:
@@ -67,6 +68,10 @@ class ClusterState:
     @property
     def bootstrap_servers(self) -> str:
         return ",".join(n.address for n in self.nodes)
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        return ",".join(f"127.0.0.1:{n.sasl_port}" for n in self.nodes if n.sasl_port)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -191,11 +196,14 @@ class LocalCluster:
         heap: str = "512m",
         fresh: bool = False,
         timeout: float = 90.0,
+        sasl_users: dict[str, str] | None = None,
     ) -> ClusterState:
         """Start the cluster and return once every node answers a metadata request.
 
         port=0 picks free ports (tests); otherwise node i listens on port+2i and its
-        controller on port+2i+1.
+        controller on port+2i+1. `sasl_users` (name → password) adds a SASL_PLAINTEXT
+        listener per node (SCRAM-SHA-256; port+2n+i) with those credentials created at
+        format time, so it implies a fresh cluster; PLAINTEXT stays for the brokers' own traffic.
         """
         maven.check_version(version)
         if nodes < 1:
@@ -213,7 +221,7 @@ class LocalCluster:
         libs = maven.resolve(version)
 
         previous = self.state()
-        if fresh or previous is None or previous.version != version or len(previous.nodes) != nodes:
+        if fresh or sasl_users or previous is None or previous.version != version or len(previous.nodes) != nodes:
             if self.home.exists():
                 shutil.rmtree(self.home)
             previous = None
@@ -222,9 +230,13 @@ class LocalCluster:
         if previous is not None and port in (0, previous.nodes[0].port):
             layout = previous.nodes  # restart: same ports, same data
         else:
-            ports = free_ports(2 * nodes) if port == 0 else list(range(port, port + 2 * nodes))
+            per_node = 3 if sasl_users else 2
+            ports = free_ports(per_node * nodes) if port == 0 else list(range(port, port + per_node * nodes))
             layout = [Node(i + 1, ports[2 * i], ports[2 * i + 1]) for i in range(nodes)]
-        busy = [p for n in layout for p in (n.port, n.controller_port) if not port_free(p)]
+            if sasl_users:
+                for i, node in enumerate(layout):
+                    node.sasl_port = ports[2 * nodes + i]
+        busy = [p for n in layout for p in (n.port, n.controller_port, n.sasl_port) if p and not port_free(p)]
         if busy:
             raise BrokerError(
                 f"port(s) {', '.join(map(str, busy))} on 127.0.0.1 already in use; "
@@ -238,7 +250,7 @@ class LocalCluster:
             started_at=time.time(),
         )
         for node in layout:
-            self._prepare_node(java, libs, state, node)
+            self._prepare_node(java, libs, state, node, sasl_users or {})
         for node in layout:
             node.pid = self._spawn(java, libs, state, node, heap)
         self._save(state)
@@ -249,7 +261,7 @@ class LocalCluster:
             raise
         return state
 
-    def _prepare_node(self, java: str, libs: Path, state: ClusterState, node: Node) -> None:
+    def _prepare_node(self, java: str, libs: Path, state: ClusterState, node: Node, sasl_users: dict[str, str]) -> None:
         d = self.node_dir(node.node_id)
         (d / "logs").mkdir(parents=True, exist_ok=True)
         props = d / "server.properties"
@@ -258,11 +270,14 @@ class LocalCluster:
             return
         proc = subprocess.run(
             [java, "-cp", f"{libs}/*", *self._log_flags(state.version, d), "kafka.tools.StorageTool",
-             "format", "-t", state.cluster_id, "-c", str(props)],
+             "format", "-t", state.cluster_id, "-c", str(props), *scram_args(sasl_users)],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if proc.returncode != 0:
-            raise BrokerError(f"formatting node {node.node_id} storage failed:\n{proc.stdout}{proc.stderr}")
+            output = proc.stdout + proc.stderr
+            for password in sasl_users.values():  # never echo a credential
+                output = output.replace(password, "***")
+            raise BrokerError(f"formatting node {node.node_id} storage failed:\n{output}")
 
     def _server_properties(self, state: ClusterState, node: Node) -> str:
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in state.nodes)
@@ -295,6 +310,14 @@ class LocalCluster:
             "broker.session.timeout.ms": 6000,
             "broker.heartbeat.interval.ms": 500,
         }
+        if node.sasl_port:
+            lines["listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{node.sasl_port}"
+            lines["advertised.listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{node.sasl_port}"
+            lines["listener.security.protocol.map"] += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            lines["sasl.enabled.mechanisms"] = "SCRAM-SHA-256"
+            lines["listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            )
         if maven.major(state.version) >= 4:
             lines["share.coordinator.state.topic.replication.factor"] = rf
             lines["share.coordinator.state.topic.min.isr"] = min(2, rf)
@@ -422,18 +445,26 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # 1 == PR_SET_PDEATHSIG
 
 
+def scram_args(users: dict[str, str]) -> list[str]:
+    """StorageTool flags that create SCRAM-SHA-256 credentials in the cluster's bootstrap metadata."""
+    return [a for name, pw in users.items() for a in ("--add-scram", f"SCRAM-SHA-256=[name={name},password={pw}]")]
+
+
 def min_heap(heap: str) -> str:
     return "128m" if heap.lower().endswith(("m", "g")) else heap
 
 
 @contextlib.contextmanager
 def ephemeral_cluster(
-    version: str = maven.DEFAULT_KAFKA_VERSION, nodes: int = 1, heap: str = "512m"
+    version: str = maven.DEFAULT_KAFKA_VERSION,
+    nodes: int = 1,
+    heap: str = "512m",
+    sasl_users: dict[str, str] | None = None,
 ) -> Iterator[LocalCluster]:
     """A throw-away cluster on free ports in a temp dir, stopped and removed on exit (tests, demo)."""
     with tempfile.TemporaryDirectory(prefix="logferry-kafka-") as home:
         cluster = LocalCluster(Path(home), tie_to_parent=True)
-        cluster.start(version=version, nodes=nodes, port=0, heap=heap)
+        cluster.start(version=version, nodes=nodes, port=0, heap=heap, sasl_users=sasl_users)
         try:
             yield cluster
         finally:
