@@ -96,6 +96,9 @@ class AckTracker:
         return len(self._tokens)
 
 
+WRITE_AHEAD_WINDOW = 10_000  # spooled records handed to the producer at once (spill policy)
+
+
 def producer_config(kafka: KafkaSettings, sink: SinkSettings, write_ahead: bool = False) -> dict[str, Any]:
     """The producer's settings. `write_ahead` (the `spill` policy): every record waits in the disk
     spool until Kafka acks it, so a delivery timeout would only turn an outage into a settled
@@ -110,7 +113,11 @@ def producer_config(kafka: KafkaSettings, sink: SinkSettings, write_ahead: bool 
             "batch.num.messages": sink.batch_num_messages,
             "message.max.bytes": sink.max_message_bytes,
             "delivery.timeout.ms": 0 if write_ahead else sink.delivery_timeout_ms,
-            "queue.buffering.max.messages": sink.queue_max_messages,
+            # With the spool holding everything on disk, only a window of it need sit in
+            # librdkafka's memory: memory stays flat however long Kafka is away.
+            "queue.buffering.max.messages": min(sink.queue_max_messages, WRITE_AHEAD_WINDOW)
+            if write_ahead
+            else sink.queue_max_messages,
             "queue.buffering.max.kbytes": 256 * 1024,
         }
     )

@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY
 from logferry.broker import LocalCluster, ephemeral_cluster
 from logferry.collectors import agent as agent_module
 from logferry.collectors.checkpoint import CheckpointStore
+from logferry.collectors.sink import WRITE_AHEAD_WINDOW
 from logferry.collectors.spill import encode
 from logferry.collectors.spool import HEADER, Spool, list_segments
 from logferry.collectors.testing import RunningAgent, read_topic, wait_until
@@ -335,7 +336,7 @@ def test_broker_outage_spools_survives_a_restart_then_drains_nothing_lost(own_cl
     admin.create_topics([NewTopic(topic, 3, 1)])[topic].result(30)
     sock = tmp_path / "in.sock"
     cfg = config(settings, topic, tmp_path / "state", [{"kind": "unix", "address": str(sock), "name": "in"}],
-                 buffer={"policy": "spill", "max_entries": 2000}, sink={"queue_max_messages": 5000})  # fmt: skip
+                 buffer={"policy": "spill", "max_entries": 2000})  # fmt: skip
     cfg["agent"]["grace_period"] = 1.0
     half = 15_000
 
@@ -356,11 +357,13 @@ def test_broker_outage_spools_survives_a_restart_then_drains_nothing_lost(own_cl
         send(range(half))
         wait_until(lambda: metric("logferry_spool_entries") >= half, what="entries waiting in the spool")
     # SIGTERM mid-outage: what Kafka never acknowledged stays in the spool for the next agent
-    with RunningAgent(dict(cfg)):
+    with RunningAgent(dict(cfg)) as agent:
         assert metric("logferry_spool_entries") >= half
         send(range(half, 2 * half))
         wait_until(lambda: metric("logferry_spool_entries") >= 2 * half, what="both halves spooled")
         assert metric("logferry_spool_bytes") > 2 * half * len(line(0))
+        # 30k spooled, but only a bounded window of them in the producer's memory
+        assert len(agent.sink.producer) <= WRITE_AHEAD_WINDOW
         # The outage itself is the scenario: Kafka stays away a full minute, longer than any
         # client-side retry backoff, before it comes back.
         time.sleep(max(0.0, 60 - (time.monotonic() - outage_started)))
