@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import REGISTRY
 
-from logferry.metrics import REPLAYS
 from logferry.processors import Processor
 from logferry.processors.control import ReplayCommand
 from logferry.processors.offsets import GroupOffsetsAdmin
@@ -121,6 +121,10 @@ class Members:
             t.join(30)
 
 
+def replays(group: str) -> float:
+    return REGISTRY.get_sample_value("logferry_processor_replays_total", {"group": group, "trigger": "control"}) or 0.0
+
+
 def test_live_replay_seeks_every_member_and_keeps_key_order(kafka_bootstrap, kafka_settings, make_topic) -> None:
     topic = make_topic(partitions=4)
     control = make_topic(partitions=1, prefix="control")
@@ -132,7 +136,7 @@ def test_live_replay_seeks_every_member_and_keeps_key_order(kafka_bootstrap, kaf
     targets = {p: min(o for _, _, _, pp, o in replayed if pp == p) for p in {s[3] for s in replayed}}
     ends = {p: max(o for _, _, _, pp, o in sent if pp == p) + 1 for p in {s[3] for s in sent}}
     admin = GroupOffsetsAdmin(kafka_settings)
-    replays_before = REPLAYS.labels(group, "control")._value.get()
+    replays_before = replays(group)
 
     members = Members(kafka_bootstrap, topic, group, control)
     try:
@@ -191,7 +195,7 @@ def test_live_replay_seeks_every_member_and_keeps_key_order(kafka_bootstrap, kaf
     finally:
         members.stop()
     assert not any(t.is_alive() for t in members.threads)
-    assert REPLAYS.labels(group, "control")._value.get() - replays_before == len(ends)
+    assert replays(group) - replays_before == len(ends)
     assert members.count() == len(sent) + len(replayed)
 
     # Each entry at or after the cut handled exactly twice, the rest once; per key in order from the new position.
