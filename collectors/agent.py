@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ class Agent:
             if self.spill_factory is None:
                 raise ConfigError("buffer.policy: 'spill' needs the disk spool, which this agent was built without")
             spill = self.spill_factory(cfg)
-        self.pipeline = Pipeline(cfg, default_parsers(cfg))
+        self.pipeline = Pipeline(cfg, default_parsers(cfg), self._settle)
         opened: list[Source] = []
         try:
             for s in cfg.sources:
@@ -116,7 +116,7 @@ class Agent:
                 src.close()
             raise
         try:  # nothing half-started: a failure below (e.g. metrics address in use) closes the sources again
-            self.buffer = Buffer(cfg.buffer.max_entries, cfg.buffer.max_bytes, cfg.buffer.policy, spill)
+            self.buffer = Buffer(cfg.buffer.max_entries, cfg.buffer.max_bytes, cfg.buffer.policy, spill, self._settle)
             acks = {n: src.delivered for n, src in self.sources.items() if type(src).delivered is not Source.delivered}
             self.sink = KafkaSink(cfg.kafka, cfg.sink, self.buffer, acks)
             if spill is not None and hasattr(spill, "attach"):
@@ -170,6 +170,12 @@ class Agent:
                 break
         self._finished.add(src.name)
         self._wakeup.set()
+
+    def _settle(self, source: str, tokens: Sequence[Any]) -> None:
+        """Entries dropped by the filter or a buffer policy will never be acked: settle them now."""
+        src = self.sources.get(source)
+        if src is not None:
+            src.delivered(tokens)
 
     def emit(self, batch: Frames) -> None:
         """What every source calls: parse/route/encode, then into the buffer (may block: backpressure)."""
@@ -271,7 +277,7 @@ class Agent:
             if self.extra_sources:
                 data["sources"] = [*data.get("sources", []), *self.extra_sources]
             new = validate(AgentConfig, data, str(self.config_path))
-            pipeline = Pipeline(new, default_parsers(new))
+            pipeline = Pipeline(new, default_parsers(new), self._settle)
         except LogferryError as e:
             log.error("SIGHUP: keeping the running config; the new one is invalid:\n%s", e)
             return

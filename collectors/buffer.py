@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
+from logferry.collectors.sources.base import Settle
 from logferry.metrics import (
     BUFFER_BYTES,
     BUFFER_ENTRIES,
@@ -65,13 +66,22 @@ class BufferClosed(Exception):
 
 
 class Buffer:
-    def __init__(self, max_entries: int, max_bytes: int, policy: Policy = "block", spill: Spill | None = None) -> None:
+    def __init__(
+        self,
+        max_entries: int,
+        max_bytes: int,
+        policy: Policy = "block",
+        spill: Spill | None = None,
+        settle: Settle | None = None,
+    ) -> None:
+        """`settle`: receives the ack tokens of entries a drop policy discarded, by source name."""
         if policy == "spill" and spill is None:
             raise ValueError("buffer policy 'spill' needs a Spill (the disk spool)")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.policy = policy
         self.spill = spill
+        self.settle = settle
         self._q: deque[Record] = deque()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -138,25 +148,39 @@ class Buffer:
             self._append(record, size)
 
     def _put_drop_newest(self, records: Sequence[Record], sizes: list[int]) -> None:
-        dropped = 0
+        dropped: list[Record] = []
         for record, size in zip(records, sizes, strict=True):
             if self._fits(size):
                 self._append(record, size)
             else:
-                dropped += 1
+                dropped.append(record)
         if dropped:
-            self._dropped_full.inc(dropped)
+            self._dropped_full.inc(len(dropped))
+            self._settle(dropped)
 
     def _put_drop_oldest(self, records: Sequence[Record], sizes: list[int]) -> None:
-        evicted = 0
+        evicted: list[Record] = []
         q = self._q
         for record, size in zip(records, sizes, strict=True):
             while not self._fits(size):
-                self._bytes -= record_size(q.popleft())
-                evicted += 1
+                old = q.popleft()
+                self._bytes -= record_size(old)
+                evicted.append(old)
             self._append(record, size)
         if evicted:
-            self._dropped_evicted.inc(evicted)
+            self._dropped_evicted.inc(len(evicted))
+            self._settle(evicted)
+
+    def _settle(self, dropped: list[Record]) -> None:
+        """A dropped entry is accounted for (counted): its source's checkpoint may move past it."""
+        if self.settle is None:
+            return
+        by_source: dict[str, list[Any]] = {}
+        for r in dropped:
+            if r[TOKEN] is not None:
+                by_source.setdefault(r[SOURCE], []).append(r[TOKEN])
+        for source, tokens in by_source.items():
+            self.settle(source, tokens)
 
     def _put_spill(self, records: Sequence[Record], sizes: list[int]) -> None:
         assert self.spill is not None

@@ -16,16 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from logferry.collectors.config import MultilineSettings
-from logferry.collectors.sources.base import Frames
+from logferry.collectors.sources.base import Frames, Joined
 
 
 @dataclass(slots=True)
 class _Pending:
     lines: list[bytes] = field(default_factory=list)
-    token: Any = None
+    tokens: list[Any] = field(default_factory=list)
     received_at: int = 0
     attributes: dict[str, str] | None = None
     touched: float = 0.0
+
+    def joined_token(self) -> Any:
+        """One line: its own token; several: all of them, so the checkpoint sees every line settle."""
+        return self.tokens[0] if len(self.tokens) == 1 else Joined(self.tokens)
 
 
 class Joiner:
@@ -49,13 +53,13 @@ class Joiner:
                 if p is not None and (match(line) is not None or len(p.lines) >= self.max_lines):
                     out.append(b"\n".join(p.lines))
                     if tokens is not None:
-                        tokens.append(p.token)
+                        tokens.append(p.joined_token())
                     p = None
                 if p is None:
                     p = _Pending(received_at=batch.received_at, attributes=batch.attributes)
                 p.lines.append(line)
                 if batch.ack_tokens is not None:
-                    p.token = batch.ack_tokens[i]
+                    p.tokens.append(batch.ack_tokens[i])
             if p is not None:
                 p.touched = time.monotonic()
                 self._pending[key] = p
@@ -69,7 +73,7 @@ class Joiner:
             for key, p in list(self._pending.items()):
                 if now - p.touched >= self.timeout:
                     del self._pending[key]
-                    tokens = [p.token] if p.token is not None else None
+                    tokens = [p.joined_token()] if p.tokens else None
                     out.append(Frames([b"\n".join(p.lines)], key[0], key[1], p.received_at, p.attributes, tokens))
         return out
 

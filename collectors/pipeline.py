@@ -14,13 +14,14 @@ import string
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from logferry.collectors.buffer import Record
 from logferry.collectors.config import ENTRY_FIELDS, AgentConfig, FilterSettings, RouteSettings, SourceSettings
 from logferry.collectors.encode import Encoder, make_encoder
 from logferry.collectors.multiline import Joiner
 from logferry.collectors.parsers import LEVEL_RANK, ParseFn, make_parser, safe
-from logferry.collectors.sources.base import Frames
+from logferry.collectors.sources.base import Frames, Settle
 from logferry.log import LogOnce
 from logferry.metrics import ENTRIES_DROPPED, ENTRIES_TRUNCATED, PARSE_FAILURES
 from logferry.schemas import LogEntry
@@ -110,9 +111,13 @@ class _PerSource:
 
 
 class Pipeline:
-    def __init__(self, config: AgentConfig, default_parsers: dict[str, str] | None = None) -> None:
-        """`default_parsers`: source kind → parser kind when neither the source nor [parser] says."""
+    def __init__(
+        self, config: AgentConfig, default_parsers: dict[str, str] | None = None, settle: Settle | None = None
+    ) -> None:
+        """`default_parsers`: source kind → parser kind when neither the source nor [parser] says.
+        `settle`: receives the ack tokens of entries dropped here (filtered, oversize)."""
         self.config = config
+        self.settle = settle
         self.host = config.agent.host or socket.gethostname()
         self.route = make_router(config.route)
         self.keep = make_filter(config.filter)
@@ -175,6 +180,7 @@ class Pipeline:
         limit = self.max_value_bytes
         out: list[Record] = []
         failed = dropped = 0
+        settled: list[Any] = []
         for i, frame in enumerate(batch.frames):
             e = parse(frame, received_at)
             if e["parse_error"] is not None:
@@ -187,12 +193,16 @@ class Pipeline:
                 e["attributes"] = {**extra, **attributes} if attributes else dict(extra)
             if keep is not None and not keep(e):
                 dropped += 1
+                if tokens:
+                    settled.append(tokens[i])
                 continue
             k = key(e) if key is not None else None
             value = encode(e)
             if len(value) > limit:
                 value = self._oversize(e, value, encode)
                 if value is None:
+                    if tokens:
+                        settled.append(tokens[i])
                     continue
             token = tokens[i] if tokens else None
             out.append((route(e), k.encode() if k else None, value, timestamp_ms, source, token))
@@ -204,6 +214,8 @@ class Pipeline:
             )  # fmt: skip
         if dropped:
             self._dropped.inc(dropped)
+        if settled and self.settle is not None:
+            self.settle(source, settled)
         return out
 
     def _oversize(self, e: LogEntry, value: bytes, encode: Encoder) -> bytes | None:

@@ -138,3 +138,12 @@ def test_spill_seam_keeps_arrival_order():
 def test_spill_policy_needs_a_spill():
     with pytest.raises(ValueError, match="needs a Spill"):
         Buffer(10, 10_000, "spill")
+
+
+@pytest.mark.parametrize(("policy", "dropped_tokens"), [("drop_newest", [3, 4]), ("drop_oldest", [0, 1])])
+def test_dropped_entries_settle_their_ack_tokens(policy, dropped_tokens):
+    # A dropped entry is counted, so its source's checkpoint may move past it instead of waiting forever.
+    settled: list[tuple[str, list]] = []
+    buf = Buffer(max_entries=3, max_bytes=10_000, policy=policy, settle=lambda s, t: settled.append((s, list(t))))
+    buf.put([("t", None, b"v", 0, "file", i) for i in range(5)])
+    assert settled == [("file", dropped_tokens)]

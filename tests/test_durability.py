@@ -170,6 +170,26 @@ def test_file_source_crash_at_rotation_loses_nothing(kafka_settings, make_topic,
     assert duplicates <= at_crash[0] - base  # at most a re-read of what had been read before the crash
 
 
+def test_checkpoint_reaches_the_end_when_entries_are_filtered_joined_or_dropped(kafka_settings, make_topic, tmp_path):
+    """An entry that never goes to Kafka (filtered) or that is several lines (multiline) still
+    settles its lines: the checkpoint must reach the end of the file, or a restart re-sends it."""
+    topic = make_topic()
+    log = tmp_path / "app.log"
+    entries = [f"2026-01-01 {'noise' if i % 4 == 0 else 'keep'} {i}" for i in range(400)]
+    log.write_text("".join(f"{e}\n  at frame {i}\n" for i, e in enumerate(entries)))
+    cfg = config(
+        kafka_settings, topic, tmp_path / "state", [file_source(log)],
+        filter={"drop_regex": "noise"}, multiline={"start_pattern": r"^\d{4}-", "timeout": 0.2},
+    )  # fmt: skip
+    with RunningAgent(cfg) as agent:
+        kept = {f"{e}\n  at frame {i}" for i, e in enumerate(entries) if "keep" in e}
+        got = messages_until(kafka_settings, topic, kept)
+        store = agent.sources["files"].store
+        size = log.stat().st_size
+        wait_until(lambda: [c.offset for c in store.entries()] == [size], what="checkpoint at the end of the file")
+    assert set(got) == kept
+
+
 # ---- kill -9 ------------------------------------------------------------------------------
 def start_agent(cfg_path: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "logferry", "collect", "--config", str(cfg_path)],

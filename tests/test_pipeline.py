@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from logferry.collectors.buffer import KEY, TOKEN, TOPIC, VALUE
 from logferry.collectors.config import AgentConfig
 from logferry.collectors.pipeline import Pipeline
-from logferry.collectors.sources.base import Frames
+from logferry.collectors.sources.base import Frames, Joined
 from logferry.config import validate
 from logferry.errors import ConfigError
 from logferry.schemas import default_codec
@@ -84,7 +84,7 @@ def test_multiline_joins_stack_traces_per_stream_with_timeout():
     out = p.process(Frames(a, "m", stream="c1", ack_tokens=[1, 2, 3, 4]))
     other = p.process(Frames([b"2026-01-01 other stream", b"  at y"], "m", stream="c2"))
     assert [decode(r)["message"] for r in out] == ["2026-01-01 boom\nTraceback:\n  at x"]
-    assert [r[TOKEN] for r in out] == [3]  # the token of the last line joined
+    assert [r[TOKEN] for r in out] == [Joined((1, 2, 3))]  # every joined line settles with the entry
     assert other == []
     # max_lines cuts a runaway trace
     more = p.process(Frames([b"  a", b"  b", b"  c"], "m", stream="c1", ack_tokens=[5, 6, 7]))
@@ -128,3 +128,15 @@ def test_config_problems_name_the_key(sections, key):
     assert f"  {key}" in str(e.value)
     if "tcpx" in str(sections):
         assert "known kinds: " in str(e.value) and "unix" in str(e.value)
+
+
+def test_filtered_and_dropped_entries_settle_their_ack_tokens():
+    # A file checkpoint waits for every line's token; an entry that never reaches Kafka must still settle.
+    settled: list[tuple[str, list]] = []
+    cfg = AgentConfig.model_validate(
+        {"filter": {"drop_regex": "noise"}, "sink": {"max_message_bytes": 2048, "oversize": "drop"}}
+    )
+    p = Pipeline(cfg, settle=lambda source, tokens: settled.append((source, list(tokens))))
+    out = p.process(Frames([b"keep 1", b"noise 2", b"x" * 3000, b"keep 4"], "f", ack_tokens=[1, 2, 3, 4]))
+    assert [r[TOKEN] for r in out] == [1, 4]
+    assert settled == [("f", [2, 3])]

@@ -41,6 +41,17 @@ class Frames:
 
 
 Emit = Callable[[Frames], None]
+# Hands ack tokens of entries that will never reach Kafka (filtered, dropped by a policy) back to
+# their source by name: such an entry is settled, so a checkpoint must not wait for it.
+Settle = Callable[[str, Sequence[Any]], None]
+
+
+class Joined(tuple):
+    """The ack tokens of the lines a multiline join merged into one entry; settled together."""
+
+
+def flatten_tokens(tokens: Sequence[Any]) -> list[Any]:
+    return [t for tok in tokens for t in (tok if isinstance(tok, Joined) else (tok,))]
 
 
 class Source(ABC):

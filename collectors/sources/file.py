@@ -47,7 +47,7 @@ from logferry.collectors.checkpoint import (
 )
 from logferry.collectors.framing import DEFAULT_MAX_FRAME, LineFramer
 from logferry.collectors.fsutil import default_state_dir
-from logferry.collectors.sources.base import Emit, Source
+from logferry.collectors.sources.base import Emit, Source, flatten_tokens
 from logferry.errors import ConfigError
 
 log = logging.getLogger("logferry.source.file")
@@ -147,7 +147,7 @@ class FileSource(Source):
 
     def delivered(self, tokens: Sequence[Any]) -> None:
         with self._lock:
-            for (fid, end), n in Counter(tokens).items():
+            for (fid, end), n in Counter(flatten_tokens(tokens)).items():
                 t = self._by_fid.get(fid)
                 if t is not None:
                     t.tracker.ack(end, n)
@@ -226,7 +226,7 @@ class FileSource(Source):
         for d in glob.glob(os.path.dirname(self.address) or "."):
             with contextlib.suppress(OSError), os.scandir(d) as it:
                 for entry in it:
-                    cp = missing.get((os.stat(entry.path).st_dev, entry.inode()))
+                    cp = missing.get(_identity(entry))
                     if cp is not None and entry.is_file(follow_symlinks=False):
                         t = self._track(entry.path, 0, offset=None)
                         if t is not None:
@@ -312,7 +312,8 @@ class FileSource(Source):
             for entry in it:
                 if entry.inode() == t.ino or not entry.is_file(follow_symlinks=False):
                     continue
-                if (os.stat(entry.path).st_dev, entry.inode()) in self._files:
+                ident = _identity(entry)
+                if ident is None or ident in self._files:
                     continue
                 try:
                     fd = os.open(entry.path, os.O_RDONLY)
@@ -356,3 +357,13 @@ class FileSource(Source):
                     t.saved = (t.tracker.committed, t.fp)
                     self.store.set(t.checkpoint())
         self.store.save(force=force)
+
+
+def _identity(entry: os.DirEntry[str]) -> tuple[int, int] | None:
+    """(device, inode) of a directory entry; None when it vanished mid-scan (logrotate deleting
+    an old generation), which must skip that entry only, not end the whole scan."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
