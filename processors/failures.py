@@ -186,7 +186,8 @@ class Executor:
         for retry in range(1, self.retries + 2):
             delay = self._failed(ctx, exc, retry)
             if delay is None:
-                self.router.give_up(ctx, exc, "handler_failed")
+                if not ctx._state.closed:  # revoked mid-retry: the next owner handles it, no dead letter
+                    self.router.give_up(ctx, exc, "handler_failed")
                 return False
             if self.abandon.wait(delay):
                 return False  # stopping: not done, re-handled by whoever owns the partition next
@@ -212,7 +213,8 @@ class Executor:
                 self._seconds.observe(perf_counter() - t0)
                 delay = self._failed(ctx, exc, retry)
                 if delay is None:
-                    self.router.give_up(ctx, exc, "handler_failed")
+                    if not ctx._state.closed:  # revoked mid-retry: the next owner handles it, no dead letter
+                        self.router.give_up(ctx, exc, "handler_failed")
                     return False
                 await asyncio.sleep(delay)
                 if self.abandon.is_set():

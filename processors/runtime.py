@@ -131,7 +131,11 @@ class Runtime:
         self.held: deque[Message] = deque()  # fetched, waiting for rate-limit tokens
         self.due: dict[TP, float] = {}  # delayed-retry partitions waiting until a record is due (epoch s)
         self._revoke_grace = settings.revoke_grace
-        key_lane = self._key_lane if len(self.high_topics | self.low_topics) == 1 else self._topic_key_lane
+        # A retry topic's records share their source topic's lanes: a retried record never runs
+        # beside a newer record of the same key.
+        self._lane_topic = retry_sources
+        source_topics = set(settings.topics) | set(settings.low_priority_topics)
+        key_lane = self._key_lane if len(source_topics) == 1 else self._topic_key_lane
         self._lanes = {"key": key_lane, "partition": self._partition_lane, "unordered": self._record_lane}[
             settings.ordering
         ]
@@ -145,11 +149,11 @@ class Runtime:
         key = msg.key()
         return key if key is not None else (msg.topic(), msg.partition())
 
-    @staticmethod
-    def _topic_key_lane(msg: Message) -> object:
+    def _topic_key_lane(self, msg: Message) -> object:
         # Kafka orders nothing across topics; separate lanes let a high-priority topic overtake a low one.
         key = msg.key()
-        return (msg.topic(), key) if key is not None else (msg.topic(), msg.partition())
+        topic = self._lane_topic.get(msg.topic(), msg.topic())
+        return (topic, key) if key is not None else (msg.topic(), msg.partition())
 
     @staticmethod
     def _partition_lane(msg: Message) -> object:
@@ -317,6 +321,9 @@ class Runtime:
         self.due[tp] = due
         self.pauses.set_tp(tp, "due", True)
         self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        # Later records of this partition waiting for rate-limit tokens would otherwise be admitted
+        # past the rewound one, which then looks fetched twice and is skipped.
+        self._drop_held({tp})
         return True
 
     def _processed_metric(self, topic: str) -> Any:
