@@ -224,3 +224,23 @@ def test_sink_hands_ack_tokens_back_in_emit_order(kafka_settings, make_topic):
     assert acked == list(range(n))
     assert metric("logferry_kafka_connected") == 1
     assert metric("logferry_entries_delivered_total", topic=topic) == n
+
+
+def test_unix_stop_still_reads_clients_waiting_in_the_backlog(tmp_path):
+    # SIGTERM right after a client wrote and left: its connection may not have been accepted yet.
+    # Stopping before run() makes that moment deterministic: the backlog must still be drained.
+    from logferry.collectors.sources.unix import UnixStreamSource
+
+    path = tmp_path / "b.sock"
+    src = UnixStreamSource("b", str(path))
+    src.open()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(path))
+            c.sendall(b"".join(b"line %d\n" % i for i in range(1000)))
+        got: list[bytes] = []
+        src.stop()
+        src.run(lambda batch: got.extend(batch.frames))
+    finally:
+        src.close()
+    assert got == [b"line %d" % i for i in range(1000)]

@@ -87,6 +87,8 @@ class UnixStreamSource(Source):
                         self._waker.drain()
                     else:
                         self._read(sel, key.data, emit)
+            if self._listening:  # connections still in the kernel's backlog wrote to us too
+                self._accept(sel)
             for client in list(self._clients.values()):  # what clients already sent is ours to deliver
                 while self._read(sel, client, emit, final=True):
                     pass
