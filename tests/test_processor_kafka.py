@@ -206,11 +206,15 @@ def test_killed_member_hands_over_without_loss_or_reordering(kafka_bootstrap, ma
     b = Member(kafka_bootstrap, topic, group_id, files[1])
     try:
         wait_for(lambda: a.said("assigned") and b.said("assigned"), 60, "both members in the group")
-        sent = produce(kafka_bootstrap, topic, 30_000, 1000)
+        sent = produce(kafka_bootstrap, topic, 20_000, 1000)
         # Kill b once both members have handled a share: b has work in flight, uncommitted.
         wait_for(lambda: all(f.exists() and f.stat().st_size > 20_000 for f in files), 60, "both members working")
         b.proc.send_signal(signal.SIGKILL)
         b.proc.wait(10)
+        # More after the kill, on every partition: a must take over b's partitions even when b
+        # happened to finish its share before the signal landed.
+        for key, seqs in produce(kafka_bootstrap, topic, 10_000, 1000, start=20_000).items():
+            sent[key] += seqs
         wait_for(lambda: len({(r[0], r[1]) for r in read_handled(files)}) >= 30_000, 90, "a to finish b's share")
         wait_for(lambda: lag(kafka_bootstrap, group_id, topic, 6) == 0, 30, "everything committed")
         a.proc.send_signal(signal.SIGTERM)  # graceful stop: commits what is done and leaves the group
