@@ -10,7 +10,7 @@ gains a field this encoder does not know, `make_encoder` falls back to the codec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from logferry.schemas import LogEntry, default_codec, schema_json
 
@@ -77,17 +77,24 @@ class EntryEncoder:
         return b
 
     def __call__(self, e: LogEntry) -> bytes:
+        return self.head(e) + string(e["message"]) + self.tail(e)
+
+    def head(self, e: LogEntry) -> bytes:
+        """The encoding of every field before `message`."""
         received = self._time(e["received_at"])
         ts = e["timestamp"]
-        parts = [
+        return b"".join((
             received if ts == e["received_at"] else zigzag(ts),
             received,
             self._cached(e["host"]),
             self._cached(e["source"]),
             self._cached_optional(e["service"]),
             self._cached_optional(e["level"]),
-            string(e["message"]),
-        ]
+        ))  # fmt: skip
+
+    def tail(self, e: LogEntry) -> bytes:
+        """The encoding of every field after `message`."""
+        parts = []
         attributes = e["attributes"]
         if attributes:
             parts.append(zigzag(len(attributes)))
@@ -100,6 +107,12 @@ class EntryEncoder:
         raw = e["raw"]
         parts.append(b"\x00" if raw is None else b"\x02" + zigzag(len(raw)) + raw)
         return b"".join(parts)
+
+    def messages(self, template: LogEntry, messages: Sequence[bytes]) -> list[bytes]:
+        """Entries equal to `template` but for their message, given as UTF-8 bytes: the raw parser's
+        batches, where one read's lines share every other field. Much cheaper than one call per entry."""
+        head, tail, lengths = self.head(template), self.tail(template), _LENGTHS
+        return [head + (lengths[n] if (n := len(m)) < 16384 else zigzag(n)) + m + tail for m in messages]
 
 
 def make_encoder() -> Encoder:

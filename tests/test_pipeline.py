@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from logferry.collectors.buffer import KEY, TOKEN, TOPIC, VALUE
@@ -140,3 +142,25 @@ def test_filtered_and_dropped_entries_settle_their_ack_tokens():
     out = p.process(Frames([b"keep 1", b"noise 2", b"x" * 3000, b"keep 4"], "f", ack_tokens=[1, 2, 3, 4]))
     assert [r[TOKEN] for r in out] == [1, 4]
     assert settled == [("f", [2, 3])]
+
+
+lines = st.lists(st.binary(max_size=300) | st.text(max_size=100).map(str.encode), min_size=1, max_size=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(frames=lines, attributes=st.none() | st.dictionaries(st.sampled_from("abc"), st.text(max_size=5), max_size=2),
+       tokens=st.booleans(), key=st.sampled_from([None, "host", "source", "dc"]))  # fmt: skip
+def test_raw_batches_encode_exactly_like_one_entry_at_a_time(frames, attributes, tokens, key):
+    """The raw parser's batch fast path (no filter) must produce the very records of the per-entry path,
+    which a filter that keeps everything forces; non-UTF-8 and oversize batches fall back to it."""
+    sections = {"agent": {"host": "h1", "attributes": {"dc": "eu1"}}, "route": {"topic": "logs.{source}.{dc}"},
+                "key": {"field": key}, "sink": {"max_message_bytes": 1300}}  # fmt: skip
+    fast = Pipeline(validate(AgentConfig, sections))
+    slow = Pipeline(validate(AgentConfig, {**sections, "filter": {"keep_regex": ""}}))
+    assert fast.keep is None and slow.keep is not None
+
+    def batch() -> Frames:
+        ack = list(range(len(frames))) if tokens else None
+        return Frames(frames, "src1", received_at=1_700_000_000_123_456, attributes=attributes, ack_tokens=ack)
+
+    assert fast.process(batch()) == slow.process(batch())
