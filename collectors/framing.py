@@ -30,22 +30,28 @@ class LineFramer:
                 return []
             self._discarding = False
             data = data[nl + 1 :]
-        if self._buf:
-            data = bytes(self._buf) + data
-            self._buf.clear()
+        pending = self._buf
         parts = data.split(b"\n")
         tail = parts.pop()
-        if b"\r" not in data and (not parts or max(map(len, parts)) <= self.max_bytes):
-            frames = list(filter(None, parts))  # the common case, at C speed: no per-line call
-        else:
-            frames = [self._trim(p) for p in parts if p and p != b"\r"]
+        if pending:
+            if parts:
+                parts[0] = bytes(pending) + parts[0]
+                pending.clear()
+            else:  # still no newline: the whole read belongs to the pending line
+                tail = bytes(pending) + tail
+                pending.clear()
+        no_cr = not parts or (b"\r" not in data and b"\r" not in parts[0])
+        # A read smaller than the limit cannot hold an over-long line (no per-line length check).
+        short = not parts or len(data) + len(parts[0]) <= self.max_bytes or max(map(len, parts)) <= self.max_bytes
+        # The common case runs at C speed with no per-line call: only empty lines are left out.
+        frames = list(filter(None, parts)) if no_cr and short else [self._trim(p) for p in parts if p and p != b"\r"]
         # A pending line may be one byte over the limit when that byte is a '\r' its '\n' will strip.
         if len(tail) > self.max_bytes + (tail[-1:] == b"\r"):
             frames.append(tail[: self.max_bytes])
             self.truncated += 1
             self._discarding = True
         else:
-            self._buf += tail
+            pending += tail
         return frames
 
     def _trim(self, line: bytes) -> bytes:

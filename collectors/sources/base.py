@@ -91,14 +91,18 @@ class Source(ABC):
         """Kafka acknowledged the entries carrying these ack tokens (in order per stream)."""
 
     # ---- helpers for subclasses --------------------------------------------------------
-    def count(self, frames: Sequence[bytes]) -> None:
+    def count(self, frames: Sequence[bytes], nbytes: int | None = None) -> None:
         self._entries.inc(len(frames))
-        self._bytes.inc(sum(map(len, frames)))
+        self._bytes.inc(sum(map(len, frames)) if nbytes is None else nbytes)
 
     def error(self, reason: str) -> None:
         SOURCE_ERRORS.labels(source=self.name, kind=self.kind, reason=reason).inc()
 
-    def emit_frames(self, emit: Emit, frames: Sequence[bytes], **meta: Any) -> None:
+    def emit_frames(self, emit: Emit, frames: Sequence[bytes], nbytes: int | None = None, **meta: Any) -> None:
+        """`nbytes`: what a stream source read for these frames (newlines included); the frames' sizes
+        by default. Stream sources pass it: it counts a read that completed no line, and costs no pass."""
         if frames:
-            self.count(frames)
+            self.count(frames, nbytes)
             emit(Frames(frames, self.name, **meta))
+        elif nbytes:
+            self._bytes.inc(nbytes)

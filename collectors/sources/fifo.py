@@ -105,6 +105,7 @@ class FifoSource(Source):
     def _read_available(self, framer: LineFramer, emit: Emit) -> bool:
         """Read what the pipe holds (bounded per call); True if the pipe may hold more."""
         frames: list[bytes] = []
+        nbytes = 0
         more = True
         for _ in range(CHUNKS_PER_ROUND):
             try:
@@ -115,8 +116,9 @@ class FifoSource(Source):
             if not data:  # cannot happen while we hold the write end; do not spin if it does
                 more = False
                 break
+            nbytes += len(data)
             frames += framer.feed(data)
-        self.emit_frames(emit, frames)
+        self.emit_frames(emit, frames, nbytes)
         return more
 
     def wake(self) -> None:

@@ -56,7 +56,7 @@ class StdinSource(Source):
                     continue
                 if not data:
                     break
-                self.emit_frames(emit, framer.feed(data))
+                self.emit_frames(emit, framer.feed(data), len(data))
                 truncations.check()
             self.emit_frames(emit, framer.flush())
             truncations.check()
