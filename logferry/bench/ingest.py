@@ -10,6 +10,10 @@ compression.type=zstd, linger.ms and batch.size from the agent's `SinkSettings` 
 - rsyslog + omkafka: its own rsyslogd instance (tmp config, pid and work dir), fed by the
   same generator through `imptcp` listening on a unix socket, `%rawmsg%` template.
 - kcat -P -l FILE: the same lines from a file.
+- a bare confluent-kafka loop (the Python ceiling): the same lines from a file, one
+  `produce()` per line with the agent's headers, timestamp and a counting delivery
+  callback, in its own process. It parses and encodes nothing, so the agent can only
+  approach it; the gap between the two is what logferry itself costs.
 
 The clock stops when the topic's end offset reaches the lines sent (ProducerPerformance
 reports its own rate). CPU seconds and peak RSS are the peer process's own, from /proc
@@ -21,6 +25,7 @@ are installed with apt when running as root, or skipped with a line saying why.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pstats
 import random
@@ -68,7 +73,7 @@ from logferry.broker.local import java_command
 from logferry.collectors.config import SinkSettings
 from logferry.collectors.profiling import ENV as PROFILE_ENV
 
-PEERS = ("logferry", "producer-perf", "rsyslog", "kcat")
+PEERS = ("logferry", "producer-perf", "rsyslog", "kcat", "python-loop")
 APT = {"rsyslog": ("rsyslog-kafka", "rsyslogd"), "kcat": ("kcat", "kcat")}  # peer: (package, binary)
 SINK = SinkSettings()
 
@@ -217,6 +222,56 @@ def run_kcat(bootstrap: str, lines: list[bytes], total: int) -> Sample:
     return Sample(total, seconds, cpu, rss)
 
 
+def produce_loop(bootstrap: str, topic: str, path: str) -> dict[str, float]:
+    """The Python ceiling (run in a child process): each line produced as the agent's sink does it,
+    with the very producer settings of the sink (`producer_config`), and nothing else."""
+    from confluent_kafka import Producer
+
+    from logferry.collectors.sink import producer_config
+    from logferry.kafka import KafkaSettings
+    from logferry.schemas import default_codec
+
+    producer = Producer(producer_config(KafkaSettings(bootstrap_servers=bootstrap), SINK))
+    headers, delivered = default_codec().headers, [0]
+
+    def on_delivery(err: object, _msg: object) -> None:
+        if err is None:
+            delivered[0] += 1
+
+    lines = Path(path).read_bytes().split(b"\n")[:-1]
+    t0 = time.perf_counter()
+    produce, poll = producer.produce, producer.poll
+    for start in range(0, len(lines), 1000):  # one receive time per 1000 lines, as for one read of a socket
+        now_ms = int(time.time() * 1000)
+        for line in lines[start : start + 1000]:
+            while True:
+                try:
+                    produce(topic, line, None, headers=headers, timestamp=now_ms, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    poll(0.05)
+        poll(0)
+    producer.flush(120)
+    return {"seconds": time.perf_counter() - t0, "delivered": delivered[0]}
+
+
+def run_python_loop(bootstrap: str, lines: list[bytes], total: int) -> Sample:
+    topic = new_topic(bootstrap, "bench-pyloop")
+    with tempfile.TemporaryDirectory(prefix="lf-bench-pyloop-") as tmp:
+        data = Path(tmp) / "lines.log"
+        with data.open("wb") as f:
+            for i in range(total):
+                f.write(lines[i % len(lines)])
+        args = json.dumps({"bootstrap": bootstrap, "topic": topic, "path": str(data)})
+        proc = subprocess.Popen([sys.executable, "-m", "logferry.bench.ingest", args], stdout=subprocess.PIPE)
+        code, cpu, rss = wait_child(proc, 600)
+        result = json.loads(proc.stdout.read() or b"{}") if proc.stdout else {}
+    if code != 0 or result.get("delivered") != total:
+        raise RuntimeError(f"the confluent-kafka loop exited {code} having delivered {result.get('delivered')}/{total}")
+    # Its own clock, from the first produce() to the end of flush(): interpreter start-up excluded.
+    return Sample(total, result["seconds"], cpu, rss)
+
+
 def run_producer_performance(bootstrap: str, lines: list[bytes], total: int, version: str) -> Sample:
     topic = new_topic(bootstrap, "bench-pp")
     with tempfile.TemporaryDirectory(prefix="lf-bench-pp-") as tmp:
@@ -299,7 +354,7 @@ def measure(
          "producer": producer_props(), "full": full},
         {},
     )  # fmt: skip
-    chosen = [p for p in peers if p in ("logferry", "producer-perf") or ensure_peer(p, report, install)]
+    chosen = [p for p in peers if p in ("logferry", "producer-perf", "python-loop") or ensure_peer(p, report, install)]
     for p in PEERS:
         if p not in peers:
             report.skip(p, "not selected with --peers")
@@ -310,19 +365,21 @@ def measure(
         "producer-perf": "Kafka ProducerPerformance",
         "rsyslog": "rsyslog imptcp → omkafka",
         "kcat": "kcat -P -l file",
+        "python-loop": "confluent-kafka produce() loop (Python ceiling)",
     }
     sides: dict[str, Callable[[], Sample]] = {
         "logferry": lambda: run_agent(bootstrap, lines, entries, clients, profile),
         "producer-perf": lambda: run_producer_performance(bootstrap, lines, entries, kafka_version),
         "rsyslog": lambda: run_rsyslog(bootstrap, lines, entries, clients),
         "kcat": lambda: run_kcat(bootstrap, lines, entries),
+        "python-loop": lambda: run_python_loop(bootstrap, lines, entries),
     }
     runs = {p: Run(names[p], size) for p in chosen}
     with out.status(f"ingest: {', '.join(chosen)} x {repeat}…"):
         alternate({p: sides[p] for p in chosen}, runs, repeat)
     report.runs = list(runs.values())
     if "logferry" in runs:
-        targets = {"producer-perf": 0.7, "rsyslog": 1.0, "kcat": None}
+        targets = {"producer-perf": 0.7, "rsyslog": 1.0, "kcat": None, "python-loop": None}
         for p, target in targets.items():
             if p in runs:
                 report.ratios.append(ratio(f"logferry / {names[p]}", runs["logferry"], runs[p], target))
@@ -330,6 +387,11 @@ def measure(
         "logferry records are Avro LogEntry values (line + host, timestamps); the peers send the bare line. "
         "ProducerPerformance CPU/RSS include JVM start-up."
     )
+    if "python-loop" in runs and "rsyslog" in runs:
+        report.notes.append(
+            "The confluent-kafka loop is the most any CPython agent gets from this producer: "
+            f"it reaches {ratio('', runs['python-loop'], runs['rsyslog']).value:.2f}x rsyslog on this machine."
+        )
     return report
 
 
@@ -361,3 +423,7 @@ def ingest(
         if files:  # every agent thread's profile (of the last repetition), merged
             out.print(f"agent profile ({', '.join(f.stem for f in files)}), by own time:")
             pstats.Stats(*map(str, files)).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    print(json.dumps(produce_loop(**json.loads(sys.argv[1]))))
