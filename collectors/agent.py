@@ -19,17 +19,19 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from logferry import __version__
-from logferry.collectors.buffer import Buffer, BufferClosed, Spill
+from logferry.collectors.buffer import SOURCE, UNDELIVERED, Buffer, BufferClosed, Record, Spill
 from logferry.collectors.config import AgentConfig, SourceSettings
 from logferry.collectors.fsutil import default_state_dir
 from logferry.collectors.pipeline import Pipeline
 from logferry.collectors.profiling import profiled
-from logferry.collectors.sink import KafkaSink
+from logferry.collectors.sink import AckCallback, KafkaSink
 from logferry.collectors.sources import source_class
 from logferry.collectors.sources.base import Frames, Source
 from logferry.collectors.spill import make_spill
@@ -40,6 +42,7 @@ from logferry.metrics import BUILD_INFO, SOURCE_ERRORS, Health, MetricsServer
 log = logging.getLogger("logferry.agent")
 TICK = 0.2  # how often the main loop flushes quiet multiline entries and checks for work
 RESTART_DELAY = 1.0  # before restarting a source whose run() raised
+CARRY_PUT_TIMEOUT = 0.05  # the main thread's longest wait per source for buffer room: signals come first
 
 # The disk spool (issue 4) plugs in here: given the config, return the Spill for `policy = "spill"`.
 SpillFactory = Callable[[AgentConfig], Spill]
@@ -64,6 +67,21 @@ def default_parsers(config: AgentConfig) -> dict[str, str]:
     return out
 
 
+@dataclass(slots=True)
+class _Lane:
+    """One source's way into the buffer, shared by its thread and the main thread.
+
+    `process` guards "which pipeline, and process with it" against a reload or an expiry touching the
+    same multiline joiners; `put` lets one thread at a time put this source's entries, so they reach
+    the buffer in the order they were read. `carry`: older entries (multiline entries released by a
+    reload or an expiry) that go into the buffer before anything the source reads next.
+    """
+
+    process: threading.Lock = field(default_factory=threading.Lock)
+    put: threading.Lock = field(default_factory=threading.Lock)
+    carry: list[Record] = field(default_factory=list)
+
+
 class Agent:
     def __init__(
         self,
@@ -82,6 +100,10 @@ class Agent:
         self.sources: dict[str, Source] = {}
         self._settings: dict[str, SourceSettings] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._lanes: dict[str, _Lane] = {}
+        # Source name → its acknowledgement callback. One mapping, shared with the spool (spill policy)
+        # and updated as SIGHUP starts and stops sources, so a new source object gets its acks.
+        self._acks: dict[str, AckCallback] = {}
         self._finished: set[str] = set()
         self._wakeup = threading.Event()
         self._signals: list[int] = []
@@ -117,10 +139,12 @@ class Agent:
             raise
         try:  # nothing half-started: a failure below (e.g. metrics address in use) closes the sources again
             self.buffer = Buffer(cfg.buffer.max_entries, cfg.buffer.max_bytes, cfg.buffer.policy, spill, self._settle)
-            acks = {n: src.delivered for n, src in self.sources.items() if type(src).delivered is not Source.delivered}
-            self.sink = KafkaSink(cfg.kafka, cfg.sink, self.buffer, acks)
+            for src in self.sources.values():
+                if type(src).delivered is not Source.delivered:
+                    self._acks[src.name] = src.delivered
+            self.sink = KafkaSink(cfg.kafka, cfg.sink, self.buffer, self._acks)
             if spill is not None and hasattr(spill, "attach"):
-                spill.attach(self.sink, acks)  # spooled records are acknowledged to the spool, then to their source
+                spill.attach(self.sink, self._acks)  # spooled records: acked to the spool, then to their source
             self.sink.start()
             if cfg.metrics.enabled:
                 health = Health()
@@ -146,6 +170,7 @@ class Agent:
         )
 
     def _spawn(self, name: str) -> None:
+        self._lane(name)
         t = threading.Thread(
             target=profiled(self._run_source, f"source-{name}"),
             args=(self.sources[name],),
@@ -180,9 +205,54 @@ class Agent:
     def emit(self, batch: Frames) -> None:
         """What every source calls: parse/route/encode, then into the buffer (may block: backpressure)."""
         assert self.pipeline is not None and self.buffer is not None
-        records = self.pipeline.process(batch)
-        if records:
-            self.buffer.put(records)
+        lane = self._lane(batch.source)
+        with lane.put:
+            with lane.process:
+                records = self.pipeline.process(batch)
+                if lane.carry:
+                    records = [*lane.carry, *records]
+                    lane.carry = []
+            if records:
+                self.buffer.put(records)
+
+    def _lane(self, source: str) -> _Lane:
+        lane = self._lanes.get(source)
+        return lane if lane is not None else self._lanes.setdefault(source, _Lane())
+
+    @contextmanager
+    def _sources_paused(self) -> Iterator[None]:
+        """No source processes a batch meanwhile (a put in progress goes on; it holds older entries)."""
+        with ExitStack() as stack:
+            for lane in list(self._lanes.values()):
+                stack.enter_context(lane.process)
+            yield
+
+    def _carry(self, records: Iterable[Record]) -> None:
+        """Hand entries the main thread released to their sources' lanes (with _sources_paused held)."""
+        for r in records:
+            self._lane(r[SOURCE]).carry.append(r)
+
+    def _put_carried(self, timeout: float) -> None:
+        """Put carried entries of sources whose own thread is not putting, waiting at most `timeout`
+        each; what does not fit stays carried, to be offered again next tick. A source busy putting
+        takes its carry along with its next batch."""
+        assert self.buffer is not None
+        for name, lane in list(self._lanes.items()):
+            if not lane.carry:
+                if name not in self.sources:
+                    self._lanes.pop(name, None)  # a removed source whose last entries are in
+                continue
+            if not lane.put.acquire(blocking=False):
+                continue
+            try:
+                with lane.process:
+                    carry, lane.carry = lane.carry, []
+                rest = self.buffer.put(carry, timeout=timeout)
+                if rest:
+                    with lane.process:
+                        lane.carry = [*rest, *lane.carry]
+            finally:
+                lane.put.release()
 
     # ---- the main loop ----------------------------------------------------------------
     def run(self) -> int:
@@ -201,9 +271,9 @@ class Agent:
                     log.info("%s: stopping; draining into Kafka for up to %.0fs", signal.Signals(sig).name,
                              self.config.agent.grace_period)  # fmt: skip
                     return self._shutdown(self.config.agent.grace_period, finite=False)
-                expired = self.pipeline.expired()
-                if expired:
-                    self.buffer.put(expired)
+                with self._sources_paused():
+                    self._carry(self.pipeline.expired())
+                self._put_carried(CARRY_PUT_TIMEOUT)
                 if all(s.finite for s in self.sources.values()) and set(self.sources) <= self._finished:
                     # Bounded by librdkafka's delivery timeout: after it every entry is acked or failed.
                     return self._shutdown(self.config.sink.delivery_timeout_ms / 1000 + 5, finite=True)
@@ -219,27 +289,61 @@ class Agent:
             t.join(max(0.1, deadline - time.monotonic()))
             if t.is_alive():
                 log.warning("source %s did not stop in time", name)
-        self.buffer.put(self.pipeline.flush())
+        with self._sources_paused():
+            self._carry(self.pipeline.flush())  # pending multiline entries, behind what their sources read
+        not_put = self._put_carried_until(deadline)
         left = self.sink.drain(max(0.0, deadline - time.monotonic()))
-        self.buffer.close()
+        self.buffer.close()  # a source still stuck in put gets BufferClosed; what it held is counted
+        spill = self.buffer.spill
+        close_spill = getattr(spill, "close", None)
+        if close_spill is not None:
+            # Before sink.close(): its purge settles undelivered records, which must stay in the spool.
+            close_spill()  # an append still waiting for spool room ends, and what it held is counted
+        for t in self._threads.values():
+            t.join(1.0)  # sources that were stuck in a put end now
+        # Left in memory only (not spooled): counted as undelivered. What the producer holds is
+        # counted by sink.close()'s purge (delivery failures, reason _PURGE_QUEUE).
+        self.buffer.discard()
         for src in self.sources.values():
             src.close()
         if self.metrics is not None:
             self.metrics.stop()
         sink = self.sink
+        left += not_put + self.buffer.refused + getattr(spill, "unstored", 0)
         self.undelivered = left + sink.failed_total
         log.info(
             "stopped: %d entr(y/ies) delivered, %d refused by Kafka, %d not delivered within the grace period",
             sink.delivered_total, sink.failed_total, left,
         )  # fmt: skip
-        close_spill = getattr(self.buffer.spill, "close", None)
-        if close_spill is not None:
-            # Before sink.close(): its purge settles undelivered records, which must stay in the spool.
-            close_spill()
         sink.close()
         if finite and self.undelivered:
             return 1
         return 0
+
+    def _put_carried_until(self, deadline: float) -> int:
+        """At shutdown: put every carried entry by `deadline`; count the rest as undelivered (returned)."""
+        assert self.buffer is not None
+        lost = 0
+        for name, lane in list(self._lanes.items()):
+            if not lane.carry:
+                continue
+            # A source still blocked in its own put holds older entries: wait for it, up to the deadline.
+            if lane.put.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    with lane.process:
+                        carry, lane.carry = lane.carry, []
+                    rest = self.buffer.put(carry, timeout=max(0.0, deadline - time.monotonic()))
+                finally:
+                    lane.put.release()
+            else:
+                with lane.process:
+                    rest, lane.carry = lane.carry, []
+            if rest:
+                lost += len(rest)
+                UNDELIVERED.inc(len(rest))
+                log.warning("source %s: %d pending entr(y/ies) found no buffer room before the deadline", name,
+                            len(rest))  # fmt: skip
+        return lost
 
     # ---- signals ----------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -284,17 +388,22 @@ class Agent:
         for section in ("kafka", "sink", "buffer", "metrics"):
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("SIGHUP: changes to [%s] take effect only after a restart", section)
-        old_pipeline, self.pipeline = self.pipeline, pipeline
+        old_pipeline = self.pipeline
+        assert old_pipeline is not None
         self.config = new
         wanted = {s.name: s for s in new.sources}
-        for name in list(self.sources):
+        for name in list(self.sources):  # stopped under the old pipeline: their last reads are processed by it
             if wanted.get(name) != self._settings[name]:
                 self._stop_source(name)
+        # The swap, with every source paused between batches: the old joiners' pending entries are
+        # carried ahead of whatever each source reads next, and none is fed after its flush.
+        with self._sources_paused():
+            self._carry(old_pipeline.flush())
+            self.pipeline = pipeline
         for name, s in wanted.items():
             if name not in self.sources:
                 self._add_source(s)
-        assert old_pipeline is not None and self.buffer is not None
-        self.buffer.put(old_pipeline.flush())  # multiline entries pending in the old pipeline
+        self._put_carried(CARRY_PUT_TIMEOUT)
         log.info("SIGHUP: config reloaded from %s (%d source(s))", self.config_path, len(self.sources))
 
     def _stop_source(self, name: str) -> None:
@@ -303,6 +412,7 @@ class Agent:
         self._threads.pop(name).join(10)
         src.close()
         self._settings.pop(name)
+        self._acks.pop(name, None)  # the closed source takes no more acks; a restarted one registers its own
         self._finished.discard(name)
 
     def _add_source(self, s: SourceSettings) -> None:
@@ -316,5 +426,6 @@ class Agent:
         self.sources[s.name] = src
         self._settings[s.name] = s
         if type(src).delivered is not Source.delivered:
+            self._acks[s.name] = src.delivered  # the spool forwards through this same mapping
             self.sink.set_ack(s.name, src.delivered)
         self._spawn(s.name)

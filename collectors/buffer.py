@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any, Literal, Protocol
 
 from logferry.collectors.sources.base import Settle
@@ -41,6 +42,18 @@ Policy = Literal["block", "drop_newest", "drop_oldest", "spill"]
 
 def record_size(r: Record) -> int:
     return len(r[VALUE]) + (len(r[KEY]) if r[KEY] else 0)
+
+
+_values, _keys = itemgetter(VALUE), itemgetter(KEY)
+
+
+def records_size(records: Sequence[Record]) -> int:
+    """sum(map(record_size, records)) at C speed: it runs for every batch in and out."""
+    return sum(map(len, map(_values, records))) + sum(map(len, filter(None, map(_keys, records))))
+
+
+# Accepted from a source, then neither delivered nor spooled: the shutdown's grace period ran out.
+UNDELIVERED = ENTRIES_DROPPED.labels(reason="undelivered")
 
 
 class Spill(Protocol):
@@ -88,6 +101,7 @@ class Buffer:
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
         self._closed = False
+        self.refused = 0  # entries offered after close(): counted as undelivered
         self._dropped_full = ENTRIES_DROPPED.labels(reason="buffer_full")
         self._dropped_evicted = ENTRIES_DROPPED.labels(reason="buffer_evicted")
         BUFFER_LIMIT_ENTRIES.set(max_entries)
@@ -95,19 +109,23 @@ class Buffer:
         self._gauges()
 
     # ---- producer side (source threads) -------------------------------------------------
-    def put(self, records: Sequence[Record]) -> None:
+    def put(self, records: Sequence[Record], timeout: float | None = None) -> Sequence[Record]:
+        """Take `records`; returns those not taken, which is only ever the tail of a `block` put whose
+        `timeout` ran out (the caller keeps them and offers them again). After close(): BufferClosed."""
         if not records:
-            return
+            return ()
         if self.policy == "spill" and getattr(self.spill, "write_ahead", False):
             # Durable first, outside the lock: a full spool (when_full=block) waits here while the sink drains.
             self.spill.spill(records)  # type: ignore[union-attr]
             with self._lock:
                 self._not_empty.notify()
-            return
-        sizes = [len(r[VALUE]) + (len(r[KEY]) if r[KEY] else 0) for r in records]
+            return ()
+        total = records_size(records)
+        rest: Sequence[Record] = ()
         with self._lock:
+            if self._closed:
+                self._refuse(records)
             q = self._q
-            total = sum(sizes)
             if (
                 len(q) + len(records) <= self.max_entries
                 and self._bytes + total <= self.max_bytes
@@ -115,16 +133,20 @@ class Buffer:
             ):
                 q.extend(records)  # the common case: the whole batch fits, no per-entry checks
                 self._bytes += total
-            elif self.policy == "block":
-                self._put_blocking(records, sizes)
-            elif self.policy == "drop_newest":
-                self._put_drop_newest(records, sizes)
-            elif self.policy == "drop_oldest":
-                self._put_drop_oldest(records, sizes)
             else:
-                self._put_spill(records, sizes)
+                sizes = list(map(record_size, records))
+                if self.policy == "block":
+                    deadline = None if timeout is None else time.monotonic() + timeout
+                    rest = self._put_blocking(records, sizes, deadline)
+                elif self.policy == "drop_newest":
+                    self._put_drop_newest(records, sizes)
+                elif self.policy == "drop_oldest":
+                    self._put_drop_oldest(records, sizes)
+                else:
+                    self._put_spill(records, sizes)
             self._gauges()
             self._not_empty.notify()
+        return rest
 
     def _fits(self, size: int) -> bool:
         # An empty buffer takes any one entry, so an entry larger than max_bytes cannot wedge it.
@@ -134,18 +156,30 @@ class Buffer:
         self._q.append(record)
         self._bytes += size
 
-    def _put_blocking(self, records: Sequence[Record], sizes: list[int]) -> None:
-        for record, size in zip(records, sizes, strict=True):
+    def _put_blocking(self, records: Sequence[Record], sizes: list[int], deadline: float | None) -> Sequence[Record]:
+        for i, (record, size) in enumerate(zip(records, sizes, strict=True)):
             while not self._fits(size):
                 if self._closed:
-                    raise BufferClosed
+                    self._refuse(records[i:])
+                wait = 0.5
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return records[i:]
                 t0 = time.monotonic()
                 self._gauges()
                 self._not_empty.notify()
-                self._not_full.wait(0.5)
+                self._not_full.wait(wait)
                 # Counted per wait, so a source stuck for minutes shows up while it is stuck.
                 SOURCE_BLOCKED_SECONDS.inc(time.monotonic() - t0)
             self._append(record, size)
+        return ()
+
+    def _refuse(self, records: Sequence[Record]) -> None:
+        """Closed: these entries will not be delivered. Counted (their sources stay unacknowledged)."""
+        self.refused += len(records)
+        UNDELIVERED.inc(len(records))
+        raise BufferClosed
 
     def _put_drop_newest(self, records: Sequence[Record], sizes: list[int]) -> None:
         dropped: list[Record] = []
@@ -206,7 +240,7 @@ class Buffer:
                 self._bytes = 0
             else:
                 out = [q.popleft() for _ in range(n)]
-                self._bytes -= sum(map(record_size, out))
+                self._bytes -= records_size(out)
             if out:
                 self._refill()
                 self._gauges()
@@ -225,12 +259,32 @@ class Buffer:
             self._append(r, record_size(r))
         return bool(back)
 
+    def unget(self, records: Sequence[Record]) -> None:
+        """Records the sink took but could not hand to Kafka go back to the front, in order (beyond the
+        limits if need be: they were within them when taken)."""
+        with self._lock:
+            self._q.extendleft(reversed(records))
+            self._bytes += records_size(records)
+            self._gauges()
+            self._not_empty.notify()
+
     def close(self) -> None:
-        """Refuse further blocking puts (a source stuck in `put` gets BufferClosed)."""
+        """Refuse further puts (a source stuck in `put` gets BufferClosed; what it held is counted)."""
         with self._lock:
             self._closed = True
             self._not_full.notify_all()
             self._not_empty.notify_all()
+
+    def discard(self) -> int:
+        """At the end of a shutdown: count what only this buffer holds as undelivered (a write-ahead
+        spill keeps its own copy of every record) and let it go. Returns that count."""
+        with self._lock:
+            n = 0 if getattr(self.spill, "write_ahead", False) else len(self._q)
+            UNDELIVERED.inc(n)
+            self._q.clear()
+            self._bytes = 0
+            self._gauges()
+            return n
 
     def _gauges(self) -> None:
         BUFFER_ENTRIES.set(len(self._q))

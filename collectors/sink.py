@@ -25,7 +25,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from prometheus_client import Histogram
 
-from logferry.collectors.buffer import Buffer, Record
+from logferry.collectors.buffer import VALUE, Buffer, Record
 from logferry.collectors.config import SinkSettings
 from logferry.collectors.profiling import profiled
 from logferry.kafka import KafkaSettings
@@ -43,6 +43,7 @@ from logferry.schemas import default_codec
 
 log = logging.getLogger("logferry.sink")
 AckCallback = Callable[[Sequence[Any]], None]
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
 GET_BATCH = 10_000
 
 
@@ -142,7 +143,8 @@ class KafkaSink:
         self._drain_deadline: float | None = None
         self._log_once = LogOnce(log)
         # Per-poll tallies, pushed to Prometheus once per poll instead of once per entry.
-        self._tallies: dict[str, list[int]] = {}
+        self._tallies: dict[str, list[int]] = {}  # topic → [entries, bytes] acked since the last push
+        self._callbacks: dict[str, DeliveryCallback] = {}  # topic → its delivery callback
         self._latencies: dict[int, int] = {}  # record timestamp (ms) → entries acked in this poll
         self.delivered_total = 0
         self.failed_total = 0
@@ -157,8 +159,8 @@ class KafkaSink:
     def drain(self, grace: float) -> int:
         """Deliver what the buffer and producer hold, for at most `grace` seconds; return what is left."""
         self._drain_deadline = time.monotonic() + grace
-        self._thread.join(grace + 5)
-        self._stop.set()
+        self._thread.join(grace)
+        self._stop.set()  # also ends a produce waiting on librdkafka's full queue (its batch goes back)
         self._thread.join(5)
         left = len(self.buffer) + len(self.producer)
         return left
@@ -223,13 +225,12 @@ class KafkaSink:
 
     def _produce_all(self, records: list[Record]) -> None:
         produce, headers, poll = self.producer.produce, self.headers, self.producer.poll
-        on_delivery = self._on_delivery
-        trackers = self._trackers
+        callbacks, trackers = self._callbacks, self._trackers
         for topic, key, value, ts, source, token in records:
-            callback = on_delivery
+            callback = callbacks.get(topic) or self._delivery_callback(topic)
             if token is not None and (tracker := trackers.get(source)) is not None:
                 seq = tracker.add(token)
-                callback = self._ack_callback(tracker, seq)
+                callback = self._ack_callback(tracker, seq, callback)
             while True:
                 try:
                     produce(topic, value, key, headers=headers, timestamp=ts, on_delivery=callback)
@@ -238,35 +239,50 @@ class KafkaSink:
                     poll(0.05)
                     self._flush_tallies()
                     if self._stop.is_set():
+                        self._give_back(records, value)
                         return
                 except KafkaException as e:  # refused before queueing (e.g. invalid topic name)
                     self._failed(topic, e.args[0] if e.args else None)
-                    if callback is not on_delivery:
+                    if token is not None and source in trackers:
                         callback(e.args[0] if e.args else KafkaError(KafkaError._INVALID_ARG), None)
                     break
         self.produced_total += len(records)
 
-    def _ack_callback(self, tracker: AckTracker, seq: int) -> Callable[[KafkaError | None, Message | None], None]:
+    def _give_back(self, records: list[Record], offered: bytes) -> None:
+        """Stopping with librdkafka's queue full: the batch from the record being offered on goes back
+        to the buffer, where a drain's count of what is left (and a spill's copy) still sees it."""
+        start = next(i for i, r in enumerate(records) if r[VALUE] is offered)
+        self.buffer.unget(records[start:])
+
+    @staticmethod
+    def _ack_callback(
+        tracker: AckTracker, seq: int, on_delivery: DeliveryCallback
+    ) -> Callable[[KafkaError | None, Message | None], None]:
         def callback(err: KafkaError | None, msg: Message | None) -> None:
             if msg is not None:
-                self._on_delivery(err, msg)
+                on_delivery(err, msg)
             tracker.settle(seq)
 
         return callback
 
     # ---- callbacks (run inside poll(), on the sink thread) -------------------------------
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        topic = msg.topic() or "?"
-        if err is not None:
-            self._failed(topic, err)
-            return
-        tally = self._tallies.get(topic)
-        if tally is None:
-            tally = self._tallies[topic] = [0, 0]
-        tally[0] += 1
-        tally[1] += len(msg)
-        ts = msg.timestamp()[1]
-        self._latencies[ts] = self._latencies.get(ts, 0) + 1
+    def _delivery_callback(self, topic: str) -> DeliveryCallback:
+        """One callback per topic, bound to its tally: a delivery report is the hottest Python
+        call after produce() itself, so it does no lookups it can avoid."""
+        tally = self._tallies.setdefault(topic, [0, 0])
+        latencies, failed = self._latencies, self._failed
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failed(topic, err)
+                return
+            tally[0] += 1
+            tally[1] += len(msg)
+            ts = msg.timestamp()[1]
+            latencies[ts] = latencies.get(ts, 0) + 1
+
+        self._callbacks[topic] = on_delivery
+        return on_delivery
 
     def _failed(self, topic: str, err: KafkaError | None) -> None:
         reason = err.name() if isinstance(err, KafkaError) else "unknown"
@@ -283,16 +299,18 @@ class KafkaSink:
             self._log_once.warning(f"kafka:{err.name()}", "Kafka: %s", err)
 
     def _flush_tallies(self) -> None:
-        if not self._tallies:
+        if not self._latencies:  # nothing acked since the last push (every ack adds a latency)
             return
         now = time.time()
         now_ms = now * 1000
-        for topic, (count, nbytes) in self._tallies.items():
-            DELIVERED.labels(topic=topic).inc(count)
-            DELIVERED_BYTES.labels(topic=topic).inc(nbytes)
-            self.delivered_total += count
+        for topic, tally in self._tallies.items():
+            count, nbytes = tally
+            if count:
+                DELIVERED.labels(topic=topic).inc(count)
+                DELIVERED_BYTES.labels(topic=topic).inc(nbytes)
+                self.delivered_total += count
+                tally[0] = tally[1] = 0  # in place: the topic's callback holds this list
         observe_many(DELIVERY_LATENCY, {max(0.0, (now_ms - ts) / 1000): n for ts, n in self._latencies.items()})
-        self._tallies.clear()
         self._latencies.clear()
         LAST_DELIVERY.set(now)
         KAFKA_CONNECTED.set(1)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from logferry.collectors.buffer import Record
+from logferry.collectors.buffer import UNDELIVERED, BufferClosed, Record
 from logferry.collectors.fsutil import default_state_dir
-from logferry.collectors.spool import Position, Spool
+from logferry.collectors.spool import HEADER, MAX_RECORD, Position, Spool
 from logferry.config import StrictModel
 from logferry.log import LogOnce
 
@@ -85,14 +85,32 @@ class SpoolSpill:
         self.spool = spool
         self._acks: dict[str, AckCallback] = {}
         self._log_once = LogOnce(log)
+        self._closed = False
+        self.unstored = 0  # entries offered while or after the spool closed: counted as undelivered
 
     def attach(self, sink: Any, acks: dict[str, AckCallback]) -> None:
-        """Route the sink's acknowledgements of spooled records here; forward sources' tokens to them."""
+        """Route the sink's acknowledgements of spooled records here; forward sources' tokens to them.
+        `acks` is the agent's own mapping, kept up to date as sources start and stop (SIGHUP)."""
         self._acks = acks
         sink.set_ack(SPOOL_SOURCE, self.delivered)
 
     def spill(self, records: Sequence[Record]) -> None:
-        self.spool.append([encode(r) for r in records], [r[3] * 1000 for r in records])
+        if self._closed:
+            self._unstored(len(records))
+        payloads = [encode(r) for r in records]
+        stored = self.spool.append(payloads, [r[3] * 1000 for r in records])
+        if stored < len(payloads) and self._closed:  # closed while this append waited for room
+            limit = min(MAX_RECORD, self.spool.segment_bytes)  # the spool's own rule for what it can hold
+            storable = sum(1 for p in payloads if HEADER.size + len(p) <= limit)  # oversize ones are counted
+            if storable > stored:
+                self._unstored(storable - stored)
+
+    def _unstored(self, n: int) -> None:
+        """The spool closed (shutdown) before these entries were written: counted, never silent."""
+        self.unstored += n
+        UNDELIVERED.inc(n)
+        log.warning("spool closed: %d entr(y/ies) read from a source were not stored and are not delivered", n)
+        raise BufferClosed
 
     def refill(self, max_entries: int, max_bytes: int) -> list[Record]:
         out: list[Record] = []
@@ -121,6 +139,7 @@ class SpoolSpill:
                 cb(toks)
 
     def close(self) -> None:
+        self._closed = True  # before the spool closes: an append it cuts short sees it
         self.spool.close()
 
 

@@ -78,6 +78,10 @@ class UnixStreamSource(Source):
         sel.register(self._listener, selectors.EVENT_READ, None)
         self._listening = True
         sel.register(self._waker.fd, selectors.EVENT_READ, "wake")
+        # run() again after a crash: the clients connected before it are still ours (and their fds
+        # open); serve them again rather than leave them hanging.
+        for client in self._clients.values():
+            sel.register(client.sock, selectors.EVENT_READ, client)
         try:
             while not self.stopping.is_set():
                 for key, _ in sel.select():
@@ -142,7 +146,7 @@ class UnixStreamSource(Source):
             return False
         frames = client.framer.feed(data)
         client.truncations.check()
-        self.emit_frames(emit, frames, stream=client.stream)
+        self.emit_frames(emit, frames, len(data), stream=client.stream)
         return True
 
     def _disconnect(self, sel: selectors.BaseSelector, client: _Client, emit: Emit) -> None:
