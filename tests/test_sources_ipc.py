@@ -565,3 +565,12 @@ def test_fifo_path_in_missing_directory_leaves_nothing_behind(tmp_path: Path):
         FifoSource("f", str(tmp_path / "nope" / "f")).open()
     assert not (tmp_path / "nope").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_message_frames_strips_one_line_ending_and_counts_empty_messages():
+    from logferry.collectors.sources.ipcutil import message_frames, one_message
+
+    messages = [b"a\r\n", b"b\n", b"", b"\n", b"\r\n", b"c", b"d\n\n", b"\r"]
+    frames, empty = message_frames(messages)
+    assert frames == [f for f in map(one_message, messages) if f]  # the per-message rule, batched
+    assert empty == sum(1 for m in messages if not one_message(m))

@@ -15,7 +15,7 @@ import posix_ipc
 from pydantic import Field
 
 from logferry.collectors.sources.base import Emit, Source
-from logferry.collectors.sources.ipcutil import FileMode, Waker, one_message
+from logferry.collectors.sources.ipcutil import FileMode, Waker, message_frames
 from logferry.config import StrictModel, validate
 from logferry.errors import ConfigError
 
@@ -70,15 +70,16 @@ class PosixMqSource(Source):
         poller = select.poll()
         poller.register(queue.mqd, select.POLLIN)
         poller.register(self._waker.fd, select.POLLIN)
-        batch_size = self.opts.batch
+        batch_size, receive = self.opts.batch, queue.receive
         while not self.stopping.is_set():
             poller.poll()
             self._waker.drain()
             while not self.stopping.is_set():
                 batch: list[bytes] = []
+                append = batch.append
                 try:
-                    while len(batch) < batch_size:
-                        batch.append(one_message(queue.receive()[0]))
+                    for _ in range(batch_size):
+                        append(receive()[0])
                 except posix_ipc.BusyError:
                     pass  # drained
                 self._emit_nonempty(emit, batch)
@@ -86,8 +87,8 @@ class PosixMqSource(Source):
                     break
 
     def _emit_nonempty(self, emit: Emit, batch: list[bytes]) -> None:
-        frames = [m for m in batch if m]
-        for _ in range(len(batch) - len(frames)):
+        frames, empty = message_frames(batch)
+        for _ in range(empty):
             self.error("empty_message")
         self.emit_frames(emit, frames)
 

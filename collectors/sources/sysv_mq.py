@@ -17,7 +17,7 @@ import sysv_ipc
 from pydantic import Field
 
 from logferry.collectors.sources.base import Emit, Source
-from logferry.collectors.sources.ipcutil import FileMode, one_message
+from logferry.collectors.sources.ipcutil import FileMode, message_frames
 from logferry.config import StrictModel, validate
 from logferry.errors import ConfigError
 from logferry.log import LogOnce
@@ -101,9 +101,10 @@ class SysvMqSource(Source):
         queue = self.queue
         assert queue is not None, "open() first"
         received: list[tuple[bytes, int]] = []
+        append, receive, wanted = received.append, queue.receive, self.opts.type
         try:
-            while len(received) < self.opts.batch:
-                received.append(queue.receive(block=False, type=self.opts.type))
+            for _ in range(self.opts.batch):
+                append(receive(block=False, type=wanted))
         except sysv_ipc.BusyError:
             pass  # drained
         except sysv_ipc.ExistentialError:
@@ -118,15 +119,24 @@ class SysvMqSource(Source):
         return len(received)
 
     def _emit_runs(self, emit: Emit, received: list[tuple[bytes, int]]) -> None:
+        """One Frames per run of equal message types (they become the `mq_type` attribute)."""
+        if not received:
+            return
+        types = [t for _, t in received]
+        if types.count(types[0]) == len(types):  # the common case: one type, one batch
+            self._emit_run(emit, [m for m, _ in received], types[0])
+            return
         start = 0
         for i in range(1, len(received) + 1):
-            if i == len(received) or received[i][1] != received[start][1]:
-                run = [one_message(m) for m, _ in received[start:i]]
-                frames = [m for m in run if m]
-                for _ in range(len(run) - len(frames)):
-                    self.error("empty_message")
-                self.emit_frames(emit, frames, attributes={"mq_type": str(received[start][1])})
+            if i == len(received) or types[i] != types[start]:
+                self._emit_run(emit, [m for m, _ in received[start:i]], types[start])
                 start = i
+
+    def _emit_run(self, emit: Emit, messages: list[bytes], mq_type: int) -> None:
+        frames, empty = message_frames(messages)
+        for _ in range(empty):
+            self.error("empty_message")
+        self.emit_frames(emit, frames, attributes={"mq_type": str(mq_type)})
 
     def _queue_removed(self) -> None:
         """Someone ran ipcrm: count it, and recreate the queue when allowed (else wait for it)."""
