@@ -17,13 +17,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from prometheus_client import Histogram
 
 from logferry.collectors.buffer import VALUE, Buffer, Record
 from logferry.collectors.config import SinkSettings
@@ -38,6 +36,7 @@ from logferry.metrics import (
     KAFKA_CONNECTED,
     LAST_DELIVERY,
     SINK_BATCH,
+    observe_many,
 )
 from logferry.schemas import default_codec
 
@@ -45,24 +44,6 @@ log = logging.getLogger("logferry.sink")
 AckCallback = Callable[[Sequence[Any]], None]
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 GET_BATCH = 10_000
-
-
-def observe_many(hist: Histogram, counts: dict[float, int]) -> None:
-    """`hist.observe(v)` n times for each v → n, in one step per distinct value.
-
-    Entries of one source read arrive with one receive time, so a poll's thousands of
-    acks have a handful of distinct latencies. prometheus_client has no bulk observe;
-    this uses its long-stable internals and falls back to observe() if they change.
-    """
-    bounds, buckets, total = (getattr(hist, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
-    if bounds is None or buckets is None or total is None:
-        for value, n in counts.items():
-            for _ in range(n):
-                hist.observe(value)
-        return
-    for value, n in counts.items():
-        buckets[bisect_left(bounds, value)].inc(n)
-        total.inc(value * n)
 
 
 class AckTracker:

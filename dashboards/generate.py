@@ -238,11 +238,16 @@ def processor_panels() -> list[Panel]:
         ),
         timeseries(
             "Records in flight",
-            "Records fetched but not yet finished, per processor process and group.",
+            "Records fetched but not yet finished, per processor process and group, and those of them "
+            "waiting for a dead-letter or retry-topic send Kafka refuses (their partitions pause).",
             "short",
             target(
                 'sum by (instance, group) (logferry_processor_in_flight{instance=~"$host", group=~"$group"})',
                 "{{instance}} {{group}}",
+            ),
+            target(
+                'sum by (instance, group) (logferry_processor_dead_letter_stalled{instance=~"$host", group=~"$group"})',
+                "stalled on a dead-letter send {{instance}} {{group}}",
             ),
         ),
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from bisect import bisect_left
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -91,6 +92,15 @@ RETRIED = Counter("logferry_processor_retries_total", "Retries scheduled (in pla
 DEAD_LETTERED = Counter(
     "logferry_processor_dead_lettered_total", "Records sent to the dead-letter topic", [*_G, "reason"]
 )
+DEAD_LETTER_SEND_FAILURES = Counter(
+    "logferry_processor_dead_letter_send_failures_total",
+    "Dead-letter or retry-topic sends Kafka refused; each is sent again with back-off", ["group", "kind", "error"],
+)  # fmt: skip
+DEAD_LETTER_STALLED = Gauge(
+    "logferry_processor_dead_letter_stalled",
+    "Records whose dead-letter or retry-topic copy is being sent again; their partitions pause and stop committing",
+    ["group"],
+)  # fmt: skip
 HANDLER_SECONDS = Histogram(
     "logferry_processor_handler_duration_seconds", "Time inside the handler per record", ["group"],
     buckets=LATENCY_BUCKETS,
@@ -102,6 +112,10 @@ COMMITTED_OFFSET = Gauge(
     "logferry_processor_committed_offset", "Last committed offset", ["group", "topic", "partition"]
 )
 LAG = Gauge("logferry_processor_lag", "Log end offset minus committed offset", ["group", "topic", "partition"])
+TXN_COMMIT_RETRIES = Counter(
+    "logferry_processor_transaction_commit_retries_total",
+    "Exactly-once commits that timed out (outcome unknown) and were committed again", ["group"],
+)  # fmt: skip
 REPLAYS = Counter("logferry_processor_replays_total", "Seeks made for a replay", ["group", "trigger"])
 ENTRIES_BY_SERVICE = Counter(
     "logferry_processor_entries_by_service_total", "Entries counted by the stats built-in, by service and level",
@@ -177,3 +191,62 @@ class MetricsServer:
         if self._thread.is_alive():  # shutdown() waits for serve_forever, which may never have run
             self._server.shutdown()
         self._server.server_close()
+
+
+# ---- bulk observation --------------------------------------------------------------------------
+# prometheus_client's Histogram.observe takes a lock and walks the buckets on every call: too much
+# for once-per-record paths. Both helpers below add to a histogram child's buckets directly (its
+# long-stable internals `_upper_bounds`, `_buckets`, `_sum`), falling back to observe() if those change.
+def _parts(hist: Histogram) -> tuple[list[float], list, object] | None:
+    bounds, buckets, total = (getattr(hist, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    return None if bounds is None or buckets is None or total is None else (bounds, buckets, total)
+
+
+def observe_many(hist: Histogram, counts: dict[float, int]) -> None:
+    """`hist.observe(v)` n times for each v → n, in one step per distinct value."""
+    parts = _parts(hist)
+    if parts is None:
+        for value, n in counts.items():
+            for _ in range(n):
+                hist.observe(value)
+        return
+    bounds, buckets, total = parts
+    for value, n in counts.items():
+        buckets[bisect_left(bounds, value)].inc(n)
+        total.inc(value * n)  # type: ignore[attr-defined]
+
+
+class ThreadHistogram:
+    """A histogram child observed from many threads' hot loops: each thread counts into its own
+    buckets without a lock, and `push()` (by that thread, e.g. after a batch) adds them in one step."""
+
+    def __init__(self, hist: Histogram) -> None:
+        self.hist = hist
+        self._parts = _parts(hist)
+        self._local = threading.local()
+
+    def observe(self, value: float) -> None:
+        if self._parts is None:
+            self.hist.observe(value)
+            return
+        local = self._local
+        try:
+            counts = local.counts
+        except AttributeError:
+            counts = local.counts = [0] * len(self._parts[0])
+            local.total = 0.0
+        counts[bisect_left(self._parts[0], value)] += 1
+        local.total += value
+
+    def push(self) -> None:
+        """Publish what this thread observed since its last push."""
+        counts = getattr(self._local, "counts", None)
+        if not counts or self._parts is None:
+            return
+        _, buckets, total = self._parts
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+                counts[i] = 0
+        total.inc(self._local.total)  # type: ignore[attr-defined]
+        self._local.total = 0.0

@@ -24,6 +24,7 @@ import inspect
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from logferry.errors import LogferryError
 from logferry.kafka import KafkaSettings
-from logferry.metrics import COMMITTED_OFFSET
+from logferry.log import LogOnce
+from logferry.metrics import COMMITTED_OFFSET, TXN_COMMIT_RETRIES
 from logferry.processors.config import ProcessorSection
 from logferry.processors.context import Context
 from logferry.processors.runtime import Runtime
@@ -40,10 +42,11 @@ from logferry.processors.tracking import PartitionState
 from logferry.schemas import Codec
 
 log = logging.getLogger("logferry.processors.exactly_once")
+once = LogOnce(log)
 
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]
 TXN_TIMEOUT = 30.0
-COMMIT_TRIES = 3
+SEND_OFFSETS_TRIES = 3
 
 
 class FencedError(LogferryError):
@@ -86,13 +89,22 @@ def to_records(result: Any, ctx: Context, codec: Codec) -> list[Record]:
 
 
 class ExactlyOnceRuntime(Runtime):
+    # Seconds one commit_transaction call may block the poll thread; a timed-out commit stays in
+    # doubt and is called again on the next tick (librdkafka: a commit that timed out may still
+    # complete in the background and must be retried, never aborted).
+    commit_timeout: float = TXN_TIMEOUT
+
     def __init__(self, settings: ProcessorSection, kafka: KafkaSettings, handler: Callable[..., Any],
                  **kwargs: Any) -> None:  # fmt: skip
         # Results of done records not yet in a transaction: partition state -> offset -> records.
         self._results: dict[PartitionState, dict[int, list[Record]]] = {}
-        # States revoked or seeked away: late results of their running work are dropped.
-        self._retired: set[PartitionState] = set()
+        # States being revoked: their running work may still finish and be committed, though they
+        # are no longer in `states`. Any other state that is not current is retired: late results
+        # of its running work are dropped. Empty between rebalances, so nothing accumulates.
+        self._releasing: set[PartitionState] = set()
         self._results_lock = threading.Lock()
+        # A transaction whose commit timed out: its (state, offset) moves, applied once it commits.
+        self._in_doubt: list[tuple[PartitionState, int]] | None = None
         super().__init__(settings, kafka, self._collecting(handler), **kwargs)
         assert settings.output_topic is not None
         self.output_topic = settings.output_topic
@@ -128,18 +140,21 @@ class ExactlyOnceRuntime(Runtime):
     def _keep(self, ctx: Context, records: list[Record]) -> None:
         if not records:
             return
+        st = ctx._state
         with self._results_lock:
-            if ctx._state not in self._retired:
-                self._results.setdefault(ctx._state, {})[ctx.offset] = records
+            if self.states.get((st.topic, st.partition)) is st or st in self._releasing:
+                self._results.setdefault(st, {})[ctx.offset] = records
 
     def _retire(self, states: list[PartitionState]) -> None:
         with self._results_lock:
             for st in states:
                 self._results.pop(st, None)
-                self._retired.add(st)
+                self._releasing.discard(st)
 
     # ---- the poll thread: one transaction per commit --------------------------------------
     def commit(self, states: list[PartitionState] | None = None, sync: bool = False) -> None:
+        if self._in_doubt is not None and not self._settle(wait=sync):
+            return  # the last commit's outcome is still unknown: no new transaction may start
         moved: list[tuple[PartitionState, int]] = []
         records: list[Record] = []
         with self._results_lock:
@@ -154,17 +169,13 @@ class ExactlyOnceRuntime(Runtime):
         if not moved:
             return
         offsets = [TopicPartition(st.topic, st.partition, c) for st, c in moved]
-        if not self._transact(records, offsets):
+        if not self._open(records, offsets):
             return  # aborted: the same prefix is offered again on the next tick (if still ours)
-        with self._results_lock:
-            for st, c in moved:
-                st.committed = c
-                done = self._results.get(st)
-                for off in [o for o in done or () if o < c]:
-                    del done[off]  # type: ignore[union-attr]
-                COMMITTED_OFFSET.labels(self.group, st.topic, str(st.partition)).set(c)
+        self._in_doubt = moved
+        self._settle(wait=sync)
 
-    def _transact(self, records: list[Record], offsets: list[TopicPartition]) -> bool:
+    def _open(self, records: list[Record], offsets: list[TopicPartition]) -> bool:
+        """Begin a transaction with the results and the offsets; False when it had to be aborted."""
         txn = self.txn
         try:
             txn.begin_transaction()
@@ -175,30 +186,66 @@ class ExactlyOnceRuntime(Runtime):
                         break
                     except BufferError:
                         txn.poll(0.05)
-            txn.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT)
-            for attempt in range(COMMIT_TRIES):
+            for attempt in range(SEND_OFFSETS_TRIES):
                 try:
-                    txn.commit_transaction(TXN_TIMEOUT)
-                    return True
+                    txn.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT)
+                    break
                 except KafkaException as e:
-                    if not e.args[0].retriable() or attempt == COMMIT_TRIES - 1:
+                    if not _retriable(e.args[0]) or attempt == SEND_OFFSETS_TRIES - 1:
                         raise
-            return False
+            return True
         except KafkaException as e:
-            err: KafkaError = e.args[0]
-            if err.fatal():
-                self.stop_event.set()
-                raise FencedError(
-                    f"exactly-once producer {self.transactional_id} failed for good ({err.str()}); another member "
-                    "probably runs with the same member_id: give each member its own --member-id"
-                ) from None
-            log.warning("exactly-once: transaction of %d result(s) aborted (%s); its offsets stay uncommitted",
-                        len(records), err.str())  # fmt: skip
-            try:
-                txn.abort_transaction(TXN_TIMEOUT)
-            except KafkaException as abort_err:
-                log.warning("exactly-once: abort failed: %s", abort_err)
+            self._abort(e.args[0], len(records))
             return False
+
+    def _settle(self, wait: bool) -> bool:
+        """Commit the open transaction; True once it is resolved (committed, or aborted to be redone).
+
+        A retriable failure (e.g. the call timed out) leaves it in doubt: it may have committed, so
+        it is never aborted then; commit_transaction is called again (idempotent), now while `wait`
+        (revoke, stop: up to the transaction timeout), else on the next tick.
+        """
+        assert self._in_doubt is not None
+        deadline = time.monotonic() + (TXN_TIMEOUT if wait else 0.0)
+        while True:
+            try:
+                self.txn.commit_transaction(self.commit_timeout)
+                break
+            except KafkaException as e:
+                err: KafkaError = e.args[0]
+                if not _retriable(err):
+                    self._in_doubt = None
+                    self._abort(err, None)
+                    return True
+                TXN_COMMIT_RETRIES.labels(self.group).inc()
+                once.warning(f"txn-commit:{err.name()}", "exactly-once: commit in doubt (%s); committing it "
+                             "again before anything new", err.str())  # fmt: skip
+                if time.monotonic() >= deadline:
+                    return False
+        moved, self._in_doubt = self._in_doubt, None
+        with self._results_lock:
+            for st, c in moved:
+                st.committed = c
+                done = self._results.get(st)
+                for off in [o for o in done or () if o < c]:
+                    del done[off]  # type: ignore[union-attr]
+                COMMITTED_OFFSET.labels(self.group, st.topic, str(st.partition)).set(c)
+        return True
+
+    def _abort(self, err: KafkaError, results: int | None) -> None:
+        """After an abortable error: abort, so the same prefix is offered again. Fatal: stop the member."""
+        if err.fatal():
+            self.stop_event.set()
+            raise FencedError(
+                f"exactly-once producer {self.transactional_id} failed for good ({err.str()}); another member "
+                "probably runs with the same member_id: give each member its own --member-id"
+            ) from None
+        what = "transaction" if results is None else f"transaction of {results} result(s)"
+        log.warning("exactly-once: %s aborted (%s); its offsets stay uncommitted", what, err.str())
+        try:
+            self.txn.abort_transaction(TXN_TIMEOUT)
+        except KafkaException as abort_err:
+            log.warning("exactly-once: abort failed: %s", abort_err)
 
     # ---- partitions leaving: commit what is done, then drop what is left ------------------
     def seek(self, topic: str, partition: int, offset: int) -> None:
@@ -211,9 +258,20 @@ class ExactlyOnceRuntime(Runtime):
 
     def _release(self, partitions: list[TopicPartition], commit: bool) -> None:
         states = [st for p in partitions if (st := self.states.get((p.topic, p.partition))) is not None]
-        super()._release(partitions, commit)  # commits (through self.commit) when revoked, not when lost
-        self._retire(states)
+        with self._results_lock:
+            self._releasing.update(states)
+        try:
+            super()._release(partitions, commit)  # commits (through self.commit) when revoked, not when lost
+        finally:
+            self._retire(states)
 
     def _close(self) -> None:
         super()._close()
+        if self._in_doubt is not None:
+            self._settle(wait=True)
         self.txn.flush(5)
+
+
+def _retriable(err: KafkaError) -> bool:
+    """librdkafka's transactional contract: retry the same call only when retriable and not abortable/fatal."""
+    return err.retriable() and not err.txn_requires_abort() and not err.fatal()

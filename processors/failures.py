@@ -11,19 +11,30 @@ re-handles it rather than losing it. Undecodable records go straight to the dead
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from logferry.log import LogOnce
-from logferry.metrics import DEAD_LETTERED, FAILED, HANDLER_SECONDS, RETRIED
+from logferry.metrics import (
+    DEAD_LETTER_SEND_FAILURES,
+    DEAD_LETTER_STALLED,
+    DEAD_LETTERED,
+    FAILED,
+    HANDLER_SECONDS,
+    RETRIED,
+    ThreadHistogram,
+)
 from logferry.processors.context import Context
+from logferry.processors.shaping import TP, PauseSet
 from logferry.processors.tracking import complete
 
 log = logging.getLogger("logferry.processors.failures")
@@ -40,6 +51,7 @@ H_REASON = "logferry-reason"
 H_DUE = "logferry-retry-due-ms"  # when a delayed retry record may be handled (epoch ms)
 OUR_HEADERS = {H_TOPIC, H_PARTITION, H_OFFSET, H_GROUP, H_ATTEMPTS, H_EXC_TYPE, H_EXC_MESSAGE, H_REASON, H_DUE}
 MAX_MESSAGE_HEADER = 1000
+RESEND_MIN = 0.1  # seconds: the shortest wait before a refused dead-letter/retry send goes again
 
 
 def format_delay(seconds: float) -> str:
@@ -74,18 +86,47 @@ class Backoff:
         return random.uniform(cap / 2, cap)
 
 
+@dataclass(eq=False)
+class Divert:
+    """One record's copy on its way to a retry topic or the dead letters."""
+
+    ctx: Context
+    target: str
+    headers: list[tuple[str, bytes]]
+    kind: str  # "retry" or "dead_letter"
+    reason: str
+    original: str
+    failures: int = 0
+
+
 class FailureRouter:
-    """Sends given-up records onward (retry topic or DLQ); completes them on Kafka's acknowledgement."""
+    """Sends given-up records onward (retry topic or DLQ); completes them on Kafka's acknowledgement.
+
+    A send Kafka refuses (the topic cannot be created, a record too large for it, an outage longer
+    than the producer's own retries) is sent again with back-off for as long as it takes, counted
+    and logged: the record was neither handled nor dead-lettered, so its partition must not commit
+    past it. Meanwhile the partition is paused (the records behind it would only pile up, done but
+    uncommittable) and the stall shows in `logferry_processor_dead_letter_stalled`. A partition
+    revoked meanwhile drops its sends: the next owner handles the record again.
+    """
 
     def __init__(
-        self, producer: Producer, group: str, dlq_topic: str, retry_delays: list[float], retry_sources: dict[str, str]
-    ) -> None:
+        self, producer: Producer, group: str, dlq_topic: str, retry_delays: list[float], retry_sources: dict[str, str],
+        backoff: Backoff | None = None,
+    ) -> None:  # fmt: skip
         self.producer = producer
         self.group = group
         self.dlq_topic = dlq_topic
         self.retry_delays = retry_delays
         # retry topic -> (original topic, stage index) so a retry record knows where it came from.
         self.retry_sources = retry_sources
+        self.backoff = backoff or Backoff(RESEND_MIN, 30.0)
+        self._lock = threading.Lock()
+        self._resend: list[tuple[float, int, Divert]] = []  # heap of (monotonic due time, seq, send)
+        self._seq = 0
+        self._stalled: dict[TP, int] = {}  # partition -> its sends that failed and are not acknowledged yet
+        self._paused: set[TP] = set()  # partitions this router asked the poll thread to pause
+        self._stalled_gauge = DEAD_LETTER_STALLED.labels(group)
 
     def stage_of(self, topic: str) -> tuple[str, int]:
         """(original topic, index of the next retry stage) for a record from `topic`."""
@@ -118,32 +159,92 @@ class FailureRouter:
         if exc is not None:
             headers.append((H_EXC_TYPE, type(exc).__qualname__.encode()))
             headers.append((H_EXC_MESSAGE, str(exc)[:MAX_MESSAGE_HEADER].encode(errors="replace")))
-        self._send(ctx, target, headers, kind, reason, original, tries=3)
+        self._send(Divert(ctx, target, headers, kind, reason, original))
 
-    def _send(
-        self, ctx: Context, target: str, headers: list[tuple[str, bytes]], kind: str, reason: str, original: str,
-        tries: int,
-    ) -> None:  # fmt: skip
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is None:
-                if kind == "retry":
-                    RETRIED.labels(self.group, original).inc()
-                else:
-                    DEAD_LETTERED.labels(self.group, original, reason).inc()
-                ctx._state.diverted += 1  # delivery callbacks run on the poll thread, the only writer
-                complete([ctx])
-            elif tries > 1:
-                self._send(ctx, target, headers, kind, reason, original, tries - 1)
-            else:
-                # Not marked done: the partition's commit stops here, so the record is not lost.
-                log.error("cannot write %s to %s (%s); its partition stops committing", ctx, target, err)
-
+    def _send(self, d: Divert) -> None:
+        """Any thread. A refusal at produce() (e.g. the record is too large) is retried like a failed delivery."""
+        ctx = d.ctx
         while True:
             try:
-                self.producer.produce(target, value=ctx.value, key=ctx.key, headers=headers, on_delivery=delivered)
+                self.producer.produce(
+                    d.target, value=ctx.value, key=ctx.key, headers=d.headers,
+                    on_delivery=lambda err, _msg: self._delivered(d, err),
+                )  # fmt: skip
                 return
             except BufferError:
                 self.producer.poll(0.1)
+            except KafkaException as e:
+                self._failed(d, e.args[0])
+                return
+
+    def _delivered(self, d: Divert, err: KafkaError | None) -> None:
+        """Delivery callback, served on the poll thread."""
+        if err is not None:
+            self._failed(d, err)
+            return
+        if d.kind == "retry":
+            RETRIED.labels(self.group, d.original).inc()
+        else:
+            DEAD_LETTERED.labels(self.group, d.original, d.reason).inc()
+        if d.failures:
+            log.info("%s written to %s after %d failed send(s); its partition commits again", d.ctx, d.target,
+                     d.failures)  # fmt: skip
+            self._unstall(d)
+        d.ctx._state.diverted += 1  # delivery callbacks run on the poll thread, the only writer
+        complete([d.ctx])
+
+    def _failed(self, d: Divert, err: KafkaError) -> None:
+        d.failures += 1
+        DEAD_LETTER_SEND_FAILURES.labels(self.group, d.kind, err.name()).inc()
+        once.warning(f"divert:{d.target}:{err.name()}", "cannot write %s to %s (%s); sending it again with back-off, "
+                     "its partition pauses and stops committing until then", d.ctx, d.target, err)  # fmt: skip
+        with self._lock:
+            if d.failures == 1:
+                tp = (d.ctx.topic, d.ctx.partition)
+                self._stalled[tp] = self._stalled.get(tp, 0) + 1
+                self._stalled_gauge.inc()
+            self._seq += 1
+            due = time.monotonic() + max(RESEND_MIN, self.backoff.delay(d.failures))
+            heapq.heappush(self._resend, (due, self._seq, d))
+
+    def _unstall(self, d: Divert) -> None:
+        tp = (d.ctx.topic, d.ctx.partition)
+        with self._lock:
+            left = self._stalled.get(tp, 0) - 1
+            if left > 0:
+                self._stalled[tp] = left
+            else:
+                self._stalled.pop(tp, None)
+            self._stalled_gauge.dec()
+
+    def poll(self, pauses: PauseSet) -> None:
+        """Poll thread, once per loop: send again what is due; pause exactly the stalled partitions."""
+        if not self._resend and not self._paused:
+            return
+        now = time.monotonic()
+        due: list[Divert] = []
+        with self._lock:
+            while self._resend and self._resend[0][0] <= now:
+                due.append(heapq.heappop(self._resend)[2])
+        for d in due:
+            if d.ctx._state.closed:  # revoked or seeked away: the record is handled again, not committed
+                log.info("dropped the pending send of %s to %s: its partition is no longer ours", d.ctx, d.target)
+                self._unstall(d)
+            else:
+                self._send(d)
+        with self._lock:
+            stalled = set(self._stalled)
+        for tp in stalled - self._paused:
+            pauses.set_tp(tp, "dead_letter", True)
+        for tp in self._paused - stalled:
+            pauses.set_tp(tp, "dead_letter", False)
+        self._paused = stalled
+
+    @property
+    def stalled(self) -> int:
+        """Records whose copy failed and is being sent again."""
+        with self._lock:
+            return sum(self._stalled.values())
 
 
 class Executor:
@@ -159,7 +260,7 @@ class Executor:
         self.backoff = backoff
         self.router = router
         self.abandon = abandon
-        self._seconds = HANDLER_SECONDS.labels(group)
+        self._seconds = ThreadHistogram(HANDLER_SECONDS.labels(group))  # pushed by `push_metrics`
 
     def _failed(self, ctx: Context, exc: BaseException, retry: int) -> float | None:
         """Count a failure; the back-off delay before the next attempt, or None to give up."""
@@ -169,6 +270,10 @@ class Executor:
             return None
         RETRIED.labels(self.group, ctx.topic).inc()
         return self.backoff.delay(retry)
+
+    def push_metrics(self) -> None:
+        """The calling worker's handler timings since its last push (dispatchers call it after each take)."""
+        self._seconds.push()
 
     def run(self, ctx: Context) -> bool:
         ctx.attempt += 1

@@ -1,7 +1,8 @@
 """Consumer-group offsets: show them, plan and apply resets, export and re-import them.
 
 Built on Kafka's admin API (the same requests Kafka's own `kafka-consumer-groups` sends), so
-offsets written here read the same through that tool and the other way round. Reset semantics
+offsets written here read the same through that tool and the other way round; committed offsets
+are read with a consumer of the group that never joins it (see `committed`). Reset semantics
 follow Kafka's ConsumerGroupCommand: a time resolves with ListOffsets(timestamp) and falls back
 to the log end when no entry is at or after it; explicit offsets are clamped into
 [log start, log end]; only an inactive group (no members) may be changed.
@@ -261,13 +262,27 @@ class GroupOffsetsAdmin:
         return desc.state.name, members, desc.state in _INACTIVE and not members
 
     def committed(self, group: str, tps: Sequence[TP] | None = None) -> dict[TP, int]:
-        """Committed offsets of `group` (for `tps`, or every partition it committed)."""
-        req = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in tps] if tps else None)
-        res = self._retry(
-            f"reading committed offsets of group {group}",
-            lambda: self.admin.list_consumer_group_offsets([req], request_timeout=self.timeout)[group].result(),
-        )
-        return {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions if tp.offset >= 0}
+        """Committed offsets of `group` (for `tps`, or every partition it committed).
+
+        Read through a consumer with the group's id that never subscribes, so it does not join
+        the group: Consumer.committed() (OffsetFetch), not the admin API, whose
+        ListConsumerGroupOffsets crashed librdkafka 2.16 while a transactional group committed.
+        Without `tps` it asks for every partition of every topic (one request).
+        """
+        if tps is None:
+            md = self._retry("listing topics", lambda: self.admin.list_topics(timeout=self.timeout))
+            tps = [(t, p) for t, m in md.topics.items() if not t.startswith("__") for p in m.partitions]
+        if not tps:
+            return {}
+        wanted = [TopicPartition(t, p) for t, p in tps]
+        consumer = Consumer(self.settings.client_config(**{"group.id": group, "enable.auto.commit": False}))
+        try:
+            res = self._retry(
+                f"reading committed offsets of group {group}", lambda: consumer.committed(wanted, self.timeout)
+            )
+        finally:
+            consumer.close()
+        return {(tp.topic, tp.partition): tp.offset for tp in res if tp.error is None and tp.offset >= 0}
 
     def list_offsets(self, tps: Sequence[TP], spec: OffsetSpec) -> dict[TP, tuple[int, int]]:
         """{tp: (offset, record timestamp ms)}; offset -1 when no record matches a timestamp spec."""

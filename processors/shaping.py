@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -113,3 +113,36 @@ class PauseSet:
             if tp.offset >= 0:
                 with contextlib.suppress(KafkaException):  # not fetching yet: it starts on its own
                     self._consumer.seek(tp)
+
+
+class CatchUp:
+    """Which high-priority partitions have nothing left to fetch (low-priority topics wait for these).
+
+    A partition that delivered nothing since it was assigned has no known position, so the
+    position alone would count an empty partition (say an idle retry topic) as busy forever.
+    librdkafka's partition-EOF event (`enable.partition.eof`) says where the fetcher reached the
+    log end; it also covers ends past transaction markers, which a position never reaches.
+    An end is remembered per partition state, so a seek (new state) or revoke forgets it.
+    """
+
+    def __init__(self) -> None:
+        self._ends: dict[TP, tuple[object, int]] = {}
+
+    def reached_end(self, tp: TP, state: object, offset: int) -> None:
+        self._ends[tp] = (state, offset)
+
+    def forget(self, tp: TP) -> None:
+        self._ends.pop(tp, None)
+
+    def busy(self, consumer: Consumer, states: Mapping[TP, object], tps: list[TP]) -> bool:
+        """True while any of `tps` may have records to fetch (unknown counts as yes)."""
+        if not tps:
+            return False
+        for tp in consumer.position([TopicPartition(t, p) for t, p in tps]):
+            key = (tp.topic, tp.partition)
+            _, hi = consumer.get_watermark_offsets(tp, cached=True)
+            state, end = self._ends.get(key, (None, -1))
+            at = max(tp.offset, end if state is states.get(key) else -1)
+            if hi < 0 or at < 0 or hi > at:
+                return True
+        return False

@@ -8,6 +8,7 @@ input's result exactly once, in key order.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -22,12 +23,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, IsolationLevel, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
+from processor_support import LoggedProcess, Running
+from prometheus_client import REGISTRY
 
 from logferry.errors import ConfigError
 from logferry.processors import Processor
 from logferry.processors.control import ReplayCommand, publish_and_wait
-from logferry.processors.exactly_once import Output
+from logferry.processors.exactly_once import ExactlyOnceRuntime, Output
 from logferry.processors.offsets import GroupOffsetsAdmin
+from logferry.processors.runtime import Hooks
+from logferry.processors.tracking import PartitionState
 from logferry.schemas import default_codec
 
 pytestmark = pytest.mark.kafka
@@ -61,8 +66,10 @@ def read_all(bootstrap: str, topic: str, isolation: str, timeout: float = 30) ->
     c.assign([TopicPartition(topic, p, 0) for p in parts])
     out: list[tuple[int, str]] = []
     deadline = time.monotonic() + timeout
-    try:
-        while any(tp.offset < ends[tp.partition] for tp in c.position([TopicPartition(topic, p) for p in parts])):
+    try:  # a position is unknown (negative) until the first record: it is at 0 then
+        while any(
+            max(tp.offset, 0) < ends[tp.partition] for tp in c.position([TopicPartition(topic, p) for p in parts])
+        ):
             assert time.monotonic() < deadline, f"reading {topic} ({isolation}) did not reach {ends}"
             for m in c.consume(500, 0.2):
                 if m.error() is None:
@@ -130,36 +137,21 @@ def freeze_inside_transaction(proc: subprocess.Popen[str], admin: AdminClient, t
     return False
 
 
-class Member:
+class Member(LoggedProcess):
     def __init__(self, bootstrap: str, src: str, out: str, group: str, cfg: Path, member_id: str = "m1") -> None:
         env = dict(os.environ, PYTHONPATH=str(TESTS), LOGFERRY_TEST_MAX_DELAY="0.004")
         cmd = [sys.executable, "-m", "logferry", "process", "--config", str(cfg), "--handler", "eos_member:handle",
                "--topic", src, "--group", group, "--exactly-once", "--output-topic", out, "--member-id", member_id,
                "--bootstrap-servers", bootstrap]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def log(self) -> str:
-        return "".join(self.lines)
+        super().__init__(cmd, env)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
-        assert self.proc.returncode == -signal.SIGKILL, self.log()[-3000:]
+        assert self.wait(10) == -signal.SIGKILL, self.log()[-3000:]
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-        self._reader.join(5)
-        assert self.proc.returncode == 0, self.log()[-3000:]
+        assert self.wait(30) == 0, self.log()[-3000:]
 
 
 def assert_each_result_once(bootstrap: str, out: str, sent: list[tuple[str, int]]) -> list[tuple[int, str]]:
@@ -322,3 +314,61 @@ def test_live_replay_of_an_exactly_once_member_reproduces_each_result_once_more(
         t.join(30)
     results = Counter(" ".join(v.split()[2:]) for _, v in read_all(kafka_bootstrap, out, "read_committed"))
     assert results == Counter(f"{k} {s}" for k, s in sent * 2)
+
+
+def test_a_timed_out_commit_is_committed_again_never_aborted(kafka_bootstrap, make_topic, group_id, monkeypatch):
+    """librdkafka: a commit_transaction that timed out may still commit; it must be called again, not aborted."""
+    # Shorter than a local commit takes: nearly every commit times out at least once and is resumed.
+    monkeypatch.setattr(ExactlyOnceRuntime, "commit_timeout", 0.001)
+    src, out = make_topic(partitions=2), make_topic(partitions=2, prefix="out")
+    sent = produce(kafka_bootstrap, src, 300, keys=6)
+    app = Processor(group_id, [src], bootstrap_servers=kafka_bootstrap, exactly_once=True, output_topic=out,
+                    member_id=uuid.uuid4().hex[:8], commit_interval=0.05, live_replay=False)  # fmt: skip
+
+    @app.handler
+    def handle(entry, ctx):
+        return f"{ctx.partition} {ctx.offset} {ctx.key.decode()} {entry['attributes']['seq']}"
+
+    with Running(app):
+        wait_for(lambda: committed_total(kafka_bootstrap, group_id, src, 2) == len(sent), 60, "every input committed")
+    retries = REGISTRY.get_sample_value("logferry_processor_transaction_commit_retries_total", {"group": group_id})
+    assert retries and retries > 0, "no commit timed out: the test did not exercise the in-doubt path"
+    committed = assert_each_result_once(kafka_bootstrap, out, sent)
+    # Nothing was aborted: a read_uncommitted reader sees no extra (aborted) copies.
+    assert len(read_all(kafka_bootstrap, out, "read_uncommitted")) == len(committed) == len(sent)
+
+
+def test_repeated_seeks_retain_no_old_partition_state(kafka_bootstrap, make_topic, group_id) -> None:
+    """Every seek retires a partition state; late results of its running work are dropped, and the
+    states themselves must not pile up in the exactly-once bookkeeping (memory bounded by assignment)."""
+    src, out = make_topic(partitions=2), make_topic(partitions=2, prefix="out")
+    sent = produce(kafka_bootstrap, src, 40, keys=4)
+    handled = 0
+    seeks = 0
+    total_seeks = 60
+
+    def replay_again(runtime) -> None:
+        nonlocal seeks
+        if seeks < total_seeks and handled >= len(sent):
+            for t, p in runtime.assignment():
+                runtime.seek(t, p, 0)
+            seeks += 1
+
+    app = Processor(group_id, [src], bootstrap_servers=kafka_bootstrap, exactly_once=True, output_topic=out,
+                    member_id=uuid.uuid4().hex[:8], commit_interval=0.05, live_replay=False, concurrency=2,
+                    hooks=Hooks(on_poll=replay_again))  # fmt: skip
+
+    @app.handler
+    def handle(entry, ctx):
+        nonlocal handled
+        handled += 1
+        return f"{ctx.partition} {ctx.offset} {ctx.key.decode()} {entry['attributes']['seq']}"
+
+    with Running(app):
+        wait_for(lambda: seeks == total_seeks, 60, "the seeks")
+        wait_for(lambda: committed_total(kafka_bootstrap, group_id, src, 2) == len(sent), 60, "the last replay")
+        gc.collect()
+        alive = sum(1 for o in gc.get_objects() if isinstance(o, PartitionState))
+    # 120 states were retired; only the current ones (and a few a worker or the priority
+    # bookkeeping still points at) may be alive.
+    assert alive <= 8, f"{alive} partition states alive after {2 * total_seeks} were retired"

@@ -60,3 +60,53 @@ def test_port_in_use_is_a_config_error():
             MetricsServer(first.address)
     finally:
         first.stop()
+
+
+def test_bulk_observations_equal_observing_one_by_one():
+    """ThreadHistogram (per-thread tallies, pushed) and observe_many must leave a histogram exactly as
+    the same observations made one at a time would, bucket edges included."""
+    import random
+    import threading
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from logferry.metrics import ThreadHistogram, observe_many
+
+    registry = CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    direct = Histogram("direct", "d", buckets=buckets, registry=registry)
+    tallied = Histogram("tallied", "t", buckets=buckets, registry=registry)
+    many = Histogram("many", "m", buckets=buckets, registry=registry)
+    rnd = random.Random(3)
+    per_thread = [[rnd.choice([*buckets, rnd.uniform(0, 2)]) for _ in range(500)] for _ in range(4)]
+    for values in per_thread:
+        for v in values:
+            direct.observe(v)
+    hist = ThreadHistogram(tallied)
+
+    def work(values: list[float]) -> None:
+        for i, v in enumerate(values):
+            hist.observe(v)
+            if i % 97 == 0:
+                hist.push()
+        hist.push()
+
+    threads = [threading.Thread(target=work, args=(values,)) for values in per_thread]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts: dict[float, int] = {}
+    for values in per_thread:
+        for v in values:
+            counts[v] = counts.get(v, 0) + 1
+    observe_many(many, counts)
+
+    def samples(name: str) -> dict[tuple[str, str], float]:
+        """(suffix, le) → value for the _bucket, _count and _sum samples of one histogram."""
+        return {(x.name.removeprefix(name), x.labels.get("le", "")): x.value for metric in registry.collect()
+                if metric.name == name for x in metric.samples if not x.name.endswith("_created")}  # fmt: skip
+
+    expected = samples("direct")
+    assert len(expected) == len(buckets) + 1 + 2  # buckets, +Inf, _count, _sum
+    assert samples("tallied") == pytest.approx(expected) and samples("many") == pytest.approx(expected)

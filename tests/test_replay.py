@@ -7,9 +7,7 @@ appends `partition offset key seq pid` per handled entry to a file.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from processor_support import LoggedProcess
 
 from logferry.cli import main
 from logferry.kafka import KafkaSettings
@@ -62,7 +61,7 @@ def caught_up(admin: GroupOffsetsAdmin, group: str, topic: str) -> bool:
     return admin.committed(group, tps) == ends
 
 
-class Member:
+class Member(LoggedProcess):
     """A `logferry process` subprocess; its stderr is collected so tests can await log lines."""
 
     def __init__(self, bootstrap: str, topic: str, group: str, out: Path, *extra: str) -> None:
@@ -73,24 +72,12 @@ class Member:
             sys.executable, "-m", "logferry", "process", "--config", str(cfg), "--handler", "processor_member:handle",
             "--topic", topic, "--group", group, "--bootstrap-servers", bootstrap, *extra,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def log(self) -> str:
-        return "".join(self.lines)
+        super().__init__(cmd, env)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(30)
-        self._reader.join(5)
+        self.wait(30)
 
 
 def handled(*files: Path) -> list[tuple[str, int]]:
