@@ -5,6 +5,12 @@ A lane is the ordering unit: the record key (`ordering="key"`), the partition
 shared by the thread dispatcher (blocking handlers) and the asyncio one (`async def`):
 a lane is either absent, waiting in the ready queue, or held by exactly one worker, who
 takes all its queued records at once and hands the lane back when done.
+
+Under the GIL, waking a thread per ready lane makes fast handlers pay more in thread
+hand-offs than in handling. So a worker takes about `SLICE` seconds of work at a time,
+judged by how long records have been taking (wall clock, so handlers that wait on I/O
+still spread over many workers), and lanes go back and new ones are taken in one
+lock round trip.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from time import perf_counter
 
 from logferry.processors.context import Context
 from logferry.processors.tracking import count_completed
@@ -23,38 +30,63 @@ log = logging.getLogger("logferry.processors.dispatch")
 Lane = Hashable
 Taken = list[tuple[Lane, list[Context]]]
 
+SLICE = 0.002  # seconds of handler work a worker takes at once: bounds head-of-line waiting
+MAX_TAKE = 1024  # lanes per take, whatever the estimate says
+
+
+_ABSENT = object()
+
 
 class KeyedQueue:
-    """Not thread-safe by itself; the dispatchers hold a lock around every call."""
+    """Not thread-safe by itself; the dispatchers hold a lock around every call.
+
+    `_lanes[lane]` is the lane's queued records, or None while a taker holds it with none
+    queued (no empty list per take: fewer allocations, fewer garbage collections)."""
 
     def __init__(self) -> None:
-        self._lanes: dict[Lane, list[Context]] = {}
+        self._lanes: dict[Lane, list[Context] | None] = {}
         # High-priority lanes are always taken first.
         self._ready_high: deque[Lane] = deque()
         self._ready_low: deque[Lane] = deque()
 
     def push(self, ctx: Context) -> bool:
         """Queue a record; True when its lane became ready (it was neither queued nor held)."""
-        items = self._lanes.get(ctx.lane)
-        if items is None:
-            self._lanes[ctx.lane] = [ctx]
-            (self._ready_high if ctx._state.high else self._ready_low).append(ctx.lane)
-            return True
-        items.append(ctx)
-        return False
+        return self.push_all((ctx,))
+
+    def push_all(self, batch: Sequence[Context]) -> bool:
+        """`push` for a whole polled batch in one pass (the per-record hot path); True when a lane became ready."""
+        lanes, high, low = self._lanes, self._ready_high, self._ready_low
+        get = lanes.get
+        woken = False
+        for ctx in batch:
+            lane = ctx.lane
+            items = get(lane, _ABSENT)
+            if items is _ABSENT:
+                lanes[lane] = [ctx]
+                (high if ctx._state.high else low).append(lane)
+                woken = True
+            elif items is None:  # held, nothing queued yet: the holder readies it on release
+                lanes[lane] = [ctx]
+            else:
+                items.append(ctx)
+        return woken
 
     def ready(self) -> int:
         return len(self._ready_high) + len(self._ready_low)
 
-    def take(self, max_lanes: int = 1) -> Taken:
-        """Hold up to `max_lanes` ready lanes and take all their queued records."""
+    def take(self, max_lanes: int = 1, max_records: int | None = None) -> Taken:
+        """Hold up to `max_lanes` ready lanes (no more once `max_records` are taken) and take all their
+        queued records; at least one lane when any is ready."""
         out: Taken = []
+        lanes = self._lanes
+        records = 0
         for ready in (self._ready_high, self._ready_low):
-            while ready and len(out) < max_lanes:
+            while ready and len(out) < max_lanes and (max_records is None or records < max_records or not out):
                 lane = ready.popleft()
-                items = self._lanes[lane]
-                self._lanes[lane] = []
-                out.append((lane, items))
+                items = lanes[lane]
+                out.append((lane, items))  # type: ignore[arg-type]
+                lanes[lane] = None
+                records += len(items)  # type: ignore[arg-type]
         return out
 
     def release(self, lane: Lane, high: bool) -> bool:
@@ -65,14 +97,41 @@ class KeyedQueue:
         del self._lanes[lane]
         return False
 
+    def release_all(self, taken: Taken) -> bool:
+        """`release` every lane of a take; True when any of them is ready again."""
+        lanes = self._lanes
+        again = False
+        for lane, items in taken:
+            if lanes[lane]:
+                (self._ready_high if items[0]._state.high else self._ready_low).append(lane)
+                again = True
+            else:
+                del lanes[lane]
+        return again
+
     def __len__(self) -> int:
         return len(self._lanes)
 
 
-def _fair_share(ready: int, workers: int) -> int:
-    # When far more lanes are ready than workers, taking several per wake-up costs no
-    # parallelism and saves lock round trips; 16 bounds head-of-line waiting.
-    return max(1, min(16, ready // (2 * workers)))
+class TakeSizer:
+    """How much one worker takes: about `SLICE` seconds of work, by a moving average of wall-clock
+    seconds per record, updated once per take (racy float stores from several threads are fine: it
+    is only a hint)."""
+
+    def __init__(self) -> None:
+        self.record_seconds = SLICE  # start as if handlers were slow: one lane per take
+
+    def take(self, queue: KeyedQueue) -> Taken:
+        return queue.take(MAX_TAKE, int(SLICE / self.record_seconds))  # slower handlers: one lane at a time
+
+    def record(self, seconds: float, records: int) -> None:
+        if records:
+            self.record_seconds = 0.7 * self.record_seconds + 0.3 * max(seconds / records, 1e-7)
+
+
+def _log_unfinished(ctx: Context, exc: BaseException) -> None:
+    log.error("cannot finish %s (%s: %s); its partition stops committing here", ctx, type(exc).__name__, exc,
+              exc_info=exc)  # fmt: skip
 
 
 class ThreadDispatcher:
@@ -80,12 +139,14 @@ class ThreadDispatcher:
 
     def __init__(
         self, execute: Callable[[Context], bool], workers: int, abandon: threading.Event | None = None,
-        name: str = "worker",
+        name: str = "worker", after_take: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
+        """`after_take`: called by the worker after each take (e.g. to publish its metrics in one step)."""
         self._execute = execute
+        self._after_take = after_take
         self._queue = KeyedQueue()
         self._cond = threading.Condition(threading.Lock())
-        self._workers = workers
+        self._sizer = TakeSizer()
         self._stopping = False
         # Set: skip queued records, stop after the current one.
         self.abandon = abandon or threading.Event()
@@ -96,32 +157,48 @@ class ThreadDispatcher:
             t.start()
 
     def submit(self, items: Sequence[Context]) -> None:
-        queue = self._queue
+        # Never runs a handler itself: the poll thread must keep polling, committing and serving
+        # rebalances however long a handler blocks.
         with self._cond:
-            woken = 0
-            for ctx in items:
-                woken += queue.push(ctx)
-            if woken:
-                # One wake-up per batch; a worker that leaves lanes behind wakes the next (below).
-                # Waking one thread per ready lane made fast handlers pay in GIL handoffs.
-                self._cond.notify()
+            if self._queue.push_all(items):
+                self._cond.notify()  # one wake-up per batch; a worker that leaves lanes behind wakes the next
 
     def queued_lanes(self) -> int:
         return len(self._queue)
 
     def _run(self) -> None:
-        queue, cond, execute, abandon = self._queue, self._cond, self._execute, self.abandon
+        queue, cond, sizer = self._queue, self._cond, self._sizer
+        taken: Taken = []
         while True:
             with cond:
+                if taken:
+                    queue.release_all(taken)
+                    taken = []  # an idle worker must not keep its last records alive (see PartitionState.trim)
                 while not queue.ready():
                     if self._stopping:
                         return
                     cond.wait()
-                taken = queue.take(_fair_share(queue.ready(), self._workers))
+                taken = sizer.take(queue)
                 if queue.ready():
                     cond.notify()
-            for lane, items in taken:
-                done: list[Context] = []
+            t0 = perf_counter()
+            try:
+                handled = self._handle(taken)
+            except BaseException:  # _handle keeps handler failures in; whatever else escapes frees the lanes
+                with cond:
+                    queue.release_all(taken)
+                    cond.notify()
+                raise
+            sizer.record(perf_counter() - t0, handled)
+
+    def _handle(self, taken: Taken) -> int:
+        """Run a take's records in lane order; returns how many were run."""
+        execute, abandon = self._execute, self.abandon
+        done: list[Context] = []
+        handled = 0
+        try:
+            for _, items in taken:
+                handled += len(items)
                 for ctx in items:
                     ctx._started = True  # set before the check: revoke reads it after setting `closed`
                     if ctx._state.closed or abandon.is_set():
@@ -129,16 +206,19 @@ class ThreadDispatcher:
                         continue
                     try:
                         ok = execute(ctx)
-                    except Exception:  # the executor's own failure (e.g. the DLQ refused): keep the worker
-                        log.exception("cannot finish %s; its partition stops committing here", ctx)
-                        ok = False
+                    except BaseException as e:  # the executor's own failure, or a handler's
+                        # SystemExit/KeyboardInterrupt: the record stays not done, the worker and lane go on.
+                        _log_unfinished(ctx, e)
+                        continue
                     if ok:
-                        ctx._done = True  # committable now, not when the whole lane batch is through
+                        ctx._done = True  # committable at once, not when the whole take is through
                         done.append(ctx)
-                if done:
-                    count_completed(done)
-                with cond:
-                    queue.release(lane, items[0]._state.high)
+        finally:
+            if done:
+                count_completed(done)
+            if self._after_take is not None:
+                self._after_take()
+        return handled
 
     def stop(self, timeout: float = 5.0) -> None:
         """Let idle workers exit; a handler still stuck after `timeout` is left behind (daemon thread)."""
@@ -155,12 +235,14 @@ class AsyncDispatcher:
 
     def __init__(
         self, execute: Callable[[Context], Awaitable[bool]], workers: int, abandon: threading.Event | None = None,
-        name: str = "async",
+        name: str = "async", after_take: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self._execute = execute
+        self._after_take = after_take
         self._queue = KeyedQueue()
         self._lock = threading.Lock()
         self._workers = workers
+        self._sizer = TakeSizer()
         self._stopping = False
         self.abandon = abandon or threading.Event()
         self.loop = asyncio.new_event_loop()
@@ -184,9 +266,7 @@ class AsyncDispatcher:
 
     def submit(self, items: Sequence[Context]) -> None:
         with self._lock:
-            woken = 0
-            for ctx in items:
-                woken += self._queue.push(ctx)
+            woken = self._queue.push_all(items)
         if woken and self._wake is not None:
             self.loop.call_soon_threadsafe(self._wake.set)
 
@@ -194,11 +274,15 @@ class AsyncDispatcher:
         return len(self._queue)
 
     async def _run(self) -> None:
-        queue, lock, execute, abandon, wake = self._queue, self._lock, self._execute, self.abandon, self._wake
+        queue, lock, sizer, wake = self._queue, self._lock, self._sizer, self._wake
         assert wake is not None
+        taken: Taken = []
         while True:
             with lock:
-                taken = queue.take(_fair_share(queue.ready(), self._workers))
+                again = queue.release_all(taken) if taken else False
+                taken = sizer.take(queue)
+            if again:
+                wake.set()
             if not taken:
                 if self._stopping:
                     return
@@ -206,8 +290,17 @@ class AsyncDispatcher:
                 wake.clear()
                 await wake.wait()
                 continue
-            for lane, items in taken:
-                done: list[Context] = []
+            t0 = perf_counter()
+            try:
+                await self._handle(taken)
+            finally:
+                sizer.record(perf_counter() - t0, sum(len(items) for _, items in taken))
+
+    async def _handle(self, taken: Taken) -> None:
+        execute, abandon = self._execute, self.abandon
+        done: list[Context] = []
+        try:
+            for _, items in taken:
                 for ctx in items:
                     ctx._started = True
                     if ctx._state.closed or abandon.is_set():
@@ -215,18 +308,19 @@ class AsyncDispatcher:
                         continue
                     try:
                         ok = await execute(ctx)
-                    except Exception:
-                        log.exception("cannot finish %s; its partition stops committing here", ctx)
-                        ok = False
+                    except asyncio.CancelledError:
+                        raise  # the loop is going away: not a handler failure
+                    except BaseException as e:  # as in ThreadDispatcher._handle
+                        _log_unfinished(ctx, e)
+                        continue
                     if ok:
-                        ctx._done = True  # committable now, not when the whole lane batch is through
+                        ctx._done = True
                         done.append(ctx)
-                if done:
-                    count_completed(done)
-                with lock:
-                    again = queue.release(lane, items[0]._state.high)
-                if again:
-                    wake.set()
+        finally:
+            if done:
+                count_completed(done)
+            if self._after_take is not None:
+                self._after_take()
 
     def stop(self, timeout: float = 5.0) -> None:
         def _stop() -> None:

@@ -48,11 +48,18 @@ class PartitionState:
         if counted:
             self.admitted += 1
 
-    def committable(self) -> int | None:
-        """Poll thread only: the next offset to consume after the done prefix (Kafka's commit convention)."""
+    def trim(self) -> None:
+        """Poll thread only: forget the done prefix. Called every poll loop, not just at commit time:
+        a second's worth of finished records (and their decoded entries) kept alive made every full
+        garbage collection crawl through them, which cost more than handling them."""
         pending = self.pending
         while pending and pending[0]._done:
             pending.popleft()
+
+    def committable(self) -> int | None:
+        """Poll thread only: the next offset to consume after the done prefix (Kafka's commit convention)."""
+        self.trim()
+        pending = self.pending
         if pending:
             return pending[0].offset
         return None if self.last_seen < 0 else self.last_seen + 1

@@ -10,7 +10,9 @@ over every entry of every repetition at a rate. Target: p99 ≤ 50 ms at 10k ent
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -19,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,34 +40,42 @@ from logferry.bench.common import (
     finish,
     kafka,
     machine_info,
-    new_topic,
     out,
     repetitions,
 )
-from logferry.bench.ingest import agent
+from logferry.bench.ingest import daemon
+from logferry.collectors.config import SinkSettings
+from logferry.processors.context import Context
 
 PARTITIONS = 3
 LINE_BYTES = 200
 PERCENTILES = (50.0, 99.0, 99.9)
+LINGER_MS = 5.0  # the agent's [sink] linger_ms here: a latency-minded setting, printed with the results
 
 
 # ---- the consumer sides (each its own process) ------------------------------------------------
 SIDES = {"logferry": "logferry Processor (key-ordered)", "raw": "raw confluent-kafka poll() loop"}
+STAGES = (
+    "write → agent received",
+    "agent received → appended in Kafka (agent pipeline, linger, produce, broker)",
+    "appended → handler called (fetch, consumer)",
+)
 
 
 def consume(bootstrap: str, topic: str, side: str) -> None:
     """Handle entries as `side`; on stdin `expect PHASE COUNT`, answer one JSON line once COUNT arrived."""
     lock = threading.Lock()
     seen: dict[int, list[float]] = {}
-    received: dict[int, list[float]] = {}  # write → the agent's received_at: the agent's share
+    # Per entry, ms spent in each stage (STAGES): where the end-to-end time goes.
+    stages: dict[int, list[tuple[float, float, float]]] = {}
     expected: dict[int, int] = {}
     stop = threading.Event()
 
     def report_if_done(phase: int) -> None:
         if phase in expected and len(seen.get(phase, ())) >= expected[phase]:
-            lat, agent_ms = seen.pop(phase), received.pop(phase)
+            lat, parts = seen.pop(phase), stages.pop(phase)
             del expected[phase]
-            sys.stdout.write(json.dumps({"phase": phase, "latencies_ms": lat, "agent_ms": agent_ms}) + "\n")
+            sys.stdout.write(json.dumps({"phase": phase, "latencies_ms": lat, "stages_ms": parts}) + "\n")
             sys.stdout.flush()
 
     def handle(entry: dict[str, Any], ctx: Any) -> None:
@@ -72,9 +83,13 @@ def consume(bootstrap: str, topic: str, side: str) -> None:
         stamp, tag, _ = entry["message"].split(" ", 2)
         written, phase, at = int(stamp[1:]), int(tag[1:]), entry["received_at"]
         at_ns = int(at.timestamp() * 1e9) if hasattr(at, "timestamp") else at * 1000  # datetime or µs
+        # The topic stamps LogAppendTime: the broker's clock (same host) marks the Kafka hop.
+        appended_ms = ctx.timestamp * 1000 if isinstance(ctx, Context) else ctx.timestamp()[1]
         with lock:
             seen.setdefault(phase, []).append((now - written) / 1e6)
-            received.setdefault(phase, []).append((at_ns - written) / 1e6)
+            stages.setdefault(phase, []).append(
+                ((at_ns - written) / 1e6, appended_ms - at_ns / 1e6, now / 1e6 - appended_ms)
+            )
             report_if_done(phase)
 
     def commands() -> None:
@@ -171,22 +186,32 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def measure(bootstrap: str, rates: list[int], seconds: float, repeat: int, full: bool = False) -> Report:
+def measure(
+    bootstrap: str, rates: list[int], seconds: float, repeat: int, full: bool = False, linger_ms: float = LINGER_MS
+) -> Report:
     report = Report(
         "latency",
         f"unix socket write → agent → Kafka → handler, {LINE_BYTES} B lines, {PARTITIONS} partitions",
-        {"rates": rates, "seconds_per_run": seconds, "repetitions": repeat, "full": full},
+        {"rates": rates, "seconds_per_run": seconds, "repetitions": repeat, "full": full,
+         "agent_sink_linger_ms": linger_ms},
         machine_info(),
+    )  # fmt: skip
+    report.notes.append(
+        f"settings: agent sink.linger_ms = {linger_ms:g} (default {SinkSettings().linger_ms:g}); processor"
+        " defaults (ordering=key, concurrency=64, batch_size=500); raw loop: confluent-kafka defaults"
     )
-    topic = new_topic(bootstrap, "bench-latency", PARTITIONS)
+    topic = latency_topic(bootstrap)
     # Both consumers read the same entries at the same time (own groups): the same conditions for both.
     runs = {
         (side, r): Run(f"{label} at {r:,}/s", LINE_BYTES, f"{r:,}/s") for r in rates for side, label in SIDES.items()
     }
     pooled: dict[tuple[str, int], list[float]] = {k: [] for k in runs}
-    agent_part: dict[int, list[float]] = {r: [] for r in rates}
+    stage_ms: dict[tuple[str, int], list[list[float]]] = {k: [] for k in runs}
     p99s: dict[tuple[str, int], list[float]] = {k: [] for k in runs}
-    with tempfile.TemporaryDirectory(prefix="lf-bench-latency-") as tmp, agent(bootstrap, topic, Path(tmp)):
+    with (
+        tempfile.TemporaryDirectory(prefix="lf-bench-latency-") as tmp,
+        latency_agent(bootstrap, topic, Path(tmp), linger_ms),
+    ):
         consumers = [Consumer(bootstrap, topic, side) for side in SIDES]
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -205,8 +230,7 @@ def measure(bootstrap: str, rates: list[int], seconds: float, repeat: int, full:
                                 pooled[c.side, rate] += got["latencies_ms"]
                                 p99s[c.side, rate].append(percentile(got["latencies_ms"], 99))
                                 runs[c.side, rate].add(Sample(sent, took))
-                                if c.side == "logferry":
-                                    agent_part[rate] += got["agent_ms"]
+                                stage_ms[c.side, rate] += got["stages_ms"]
                         phase += 1
         finally:
             for c in consumers:
@@ -222,12 +246,16 @@ def measure(bootstrap: str, rates: list[int], seconds: float, repeat: int, full:
             f" ms (p99 per repetition min/median/max {min(p99s[side, rate]):.1f}/"
             f"{statistics.median(p99s[side, rate]):.1f}/{max(p99s[side, rate]):.1f} ms; {len(values)} entries)"
         )
-    for rate in rates:
-        share = {f"p{p:g}": round(percentile(agent_part[rate], p), 2) for p in PERCENTILES}
-        table["logferry"][str(rate)]["write_to_agent_received"] = share
-        report.notes.append(
-            f"{rate:>6,}/s of which write → agent received: p50 {share['p50']} ms, p99 {share['p99']} ms"
-        )
+    for (side, rate), rows in stage_ms.items():
+        split = {}
+        for i, stage in enumerate(STAGES):
+            values = [row[i] for row in rows]
+            split[stage] = {f"p{p:g}": round(percentile(values, p), 2) for p in PERCENTILES}
+            report.notes.append(
+                f"{rate:>6,}/s {side} stage {stage}: p50 {split[stage]['p50']:.1f} ms, p99 {split[stage]['p99']:.1f} ms"
+            )
+        table[side][str(rate)]["stages"] = split
+        table[side][str(rate)]["write_to_agent_received"] = split[STAGES[0]]  # the key earlier results used
     report.extra["latency_ms"] = table
     top = str(max(rates))
     target = 50.0 if max(rates) >= 10_000 else None
@@ -249,6 +277,31 @@ def measure(bootstrap: str, rates: list[int], seconds: float, repeat: int, full:
 
     report.plot = plot
     return report
+
+
+@contextlib.contextmanager
+def latency_agent(bootstrap: str, topic: str, work: Path, linger_ms: float) -> Iterator[subprocess.Popen[bytes]]:
+    """`logferry collect --source unix:WORK/agent.sock --config agent.toml`, the toml setting `[sink] linger_ms`:
+    the agent's documented knob between batching and latency (a record waits up to that long for company)."""
+    sock, config = work / "agent.sock", work / "agent.toml"
+    config.write_text(f"[sink]\nlinger_ms = {linger_ms:g}\n")
+    env = {**os.environ, "LOGFERRY_STATE_DIR": str(work / "state")}
+    cmd = [sys.executable, "-m", "logferry", "--log-level", "WARNING", "collect", "--config", str(config),
+           "--source", f"unix:{sock}", "--topic", topic, "-b", bootstrap,
+           "--metrics-address", "127.0.0.1:0"]  # fmt: skip
+    with daemon(cmd, sock.exists, work / "agent.log", env=env, cwd=work) as proc:
+        yield proc
+
+
+def latency_topic(bootstrap: str) -> str:
+    """The suite's topic; the broker stamps each record's append time, which splits the latency by stage."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    new = NewTopic(topic, PARTITIONS, 1, config={"message.timestamp.type": "LogAppendTime"})
+    admin.create_topics([new])[topic].result(30)
+    return topic
 
 
 def warm_up(sock: socket.socket, consumers: list[Consumer]) -> None:
@@ -282,12 +335,16 @@ def latency(
     bootstrap_servers: BootstrapOpt = None,
     repeat: RepeatOpt = None,
     full: FullOpt = False,
+    linger_ms: Annotated[
+        float, typer.Option(help="The agent's [sink] linger_ms for this run (its default, 20, favours batching).")
+    ] = LINGER_MS,
     out_dir: OutOpt = DEFAULT_OUT,
 ) -> None:
     """End-to-end latency, socket write → handler: p50/p99/p99.9 at each rate (target p99 ≤ 50 ms at 10k/s)."""
     chosen = [int(r) for r in rates.split(",") if r.strip()]
     with kafka(bootstrap_servers) as bootstrap:
-        finish(measure(bootstrap, chosen, seconds or (30.0 if full else 4.0), repetitions(repeat, full), full), out_dir)
+        seconds = seconds or (30.0 if full else 4.0)
+        finish(measure(bootstrap, chosen, seconds, repetitions(repeat, full), full, linger_ms), out_dir)
 
 
 if __name__ == "__main__":
