@@ -91,3 +91,12 @@ def test_process_runtime_beside_raw_loop_consumer_performance_and_sequential(
     ratios = {r["name"]: r for r in report["ratios"]}
     assert ratios["no-op: Processor / raw consume+decode"]["target"] == 0.8
     assert ratios["5 ms: Processor threads / sequential"]["target"] == 50
+
+
+def test_replay_seeks_a_running_group_beside_the_raw_loop(tmp_path: Path, kafka_bootstrap: str) -> None:
+    report = run_suite(tmp_path, "replay", "-b", kafka_bootstrap, "--entries", "2000")
+    assert sorted(names(report)) == ["logferry replay → running Processor (key-ordered, 64 threads)",
+                                     "raw: offsets_for_times + assign + consume(500) + decode"]  # fmt: skip
+    for run in report["runs"]:  # both sides re-processed every record written since the replay time
+        assert run["samples"][0]["entries"] == 2000
+    assert report["seek_s"]["runtime"]["median"] > 0 and report["seek_s"]["raw"]["median"] > 0

@@ -1,4 +1,4 @@
-"""`logferry bench replay`: live replay of a running group vs a raw confluent-kafka loop, one run.
+"""`logferry bench replay`: live replay of a running group vs a raw confluent-kafka loop.
 
 The topic is filled once (the `bench process` filler: 6 partitions, 1000 keys, Avro LogEntry),
 stamped from a time T taken just before. Then, each side in its own subprocess:
@@ -9,6 +9,9 @@ stamped from a time T taken just before. Then, each side in its own subprocess:
   replayed record handled.
 - raw: a bare consumer resolves T with offsets_for_times, assigns, and reads the same range
   with consume(500) + decode + the same no-op.
+
+Sides alternate over the repetitions; the table, JSON and chart are the other suites' (rates
+include the seek).
 """
 
 from __future__ import annotations
@@ -20,16 +23,32 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
 from confluent_kafka import Consumer, TopicPartition
-from rich.console import Console
-from rich.table import Table
 
+from logferry.bench.common import (
+    DEFAULT_OUT,
+    BootstrapOpt,
+    FullOpt,
+    OutOpt,
+    RepeatOpt,
+    Report,
+    Run,
+    Sample,
+    Spread,
+    alternate,
+    finish,
+    kafka,
+    machine_info,
+    out,
+    ratio,
+    repetitions,
+)
 from logferry.bench.process import PARTITIONS, _cpu_seconds, _peak_rss_mb, fill
-
-out = Console(width=150)
 
 
 def _raw(bootstrap: str, topic: str, n: int, since_ms: int) -> dict[str, Any]:
@@ -103,51 +122,53 @@ def _side(name: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def replay(
-    entries: Annotated[int, typer.Option(help="Records to replay.")] = 200_000,
-    full: Annotated[bool, typer.Option("--full", help="1M records.")] = False,
-    rounds: Annotated[int, typer.Option(help="Alternating rounds of the two sides (best kept).")] = 1,
-    bootstrap_servers: Annotated[
-        str | None, typer.Option("--bootstrap-servers", "-b", help="Use this Kafka instead of a throw-away one.")
-    ] = None,
+    entries: Annotated[int | None, typer.Option(help="Records to replay (default 200000, --full 1M).")] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    repeat: RepeatOpt = None,
+    full: FullOpt = False,
+    out_dir: OutOpt = DEFAULT_OUT,
 ) -> None:
-    """Live replay of a running group (control topic, seek, re-process) vs a raw confluent-kafka loop."""
-    n = 1_000_000 if full else entries
-    if bootstrap_servers:
-        _run(bootstrap_servers, n, rounds)
-        return
-    from logferry.broker import ephemeral_cluster
-
-    with out.status("starting a throw-away Kafka…"), ephemeral_cluster() as cluster:
-        _run(cluster.bootstrap_servers, n, rounds)
+    """Seek a running group to a time and re-process: logferry replay vs a raw confluent-kafka loop."""
+    n = entries or (1_000_000 if full else 200_000)
+    with kafka(bootstrap_servers) as bootstrap:
+        finish(measure(bootstrap, n, repetitions(repeat, full), full), out_dir)
 
 
-def _run(bootstrap: str, n: int, rounds: int) -> None:
+def measure(bootstrap: str, n: int, repeat: int, full: bool = False) -> Report:
     topic = f"bench-replay-{uuid.uuid4().hex[:8]}"
-    control = f"bench-control-{uuid.uuid4().hex[:8]}"
     since_ms = int(time.time() * 1000) - 1
     with out.status(f"filling {topic} with {n} records…"):
-        value_bytes = fill(bootstrap, topic, n)
-    avg = value_bytes / n
-    raws, rts = [], []
-    with out.status("running the sides…"):
-        for _ in range(rounds):  # alternate: the machine is shared
-            raws.append(_side("raw", {"bootstrap": bootstrap, "topic": topic, "n": n, "since_ms": since_ms}))
-            rts.append(_side("runtime", {"bootstrap": bootstrap, "topic": topic, "n": n, "since_ms": since_ms,
-                                         "control": control}))  # fmt: skip
-    raw = min(raws, key=lambda r: r["seconds"])
-    rt = min(rts, key=lambda r: r["seconds"])
-    table = Table(title=f"logferry bench replay — {n} records, {PARTITIONS} partitions, ~{avg:.0f} B/record")
-    for col in ("side", "seek s", "total s", "records/s", "MB/s", "CPU s", "peak RSS MB"):
-        table.add_column(col, justify="left" if col == "side" else "right")
-    for name, r in (("raw: offsets_for_times + assign + consume(500) + decode", raw),
-                    ("logferry replay → running Processor (key-ordered, 64 threads)", rt)):  # fmt: skip
-        rate = r["entries"] / r["seconds"]
-        table.add_row(name, f"{r['seek']:.3f}", f"{r['seconds']:.2f}", f"{rate:,.0f}", f"{rate * avg / 1e6:.1f}",
-                      f"{r['cpu_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}")  # fmt: skip
-    out.print(table)
-    out.print(f"runtime / raw records/s: {raw['seconds'] / rt['seconds']:.2f}x "
-              f"(seek: command → every member acknowledged {rt['seek'] * 1000:.0f} ms, raw lookup+assign "
-              f"{raw['seek'] * 1000:.0f} ms)")  # fmt: skip
+        avg = fill(bootstrap, topic, n) / n
+    report = Report(
+        "replay", f"seek a group to a time, re-process {n} records ({PARTITIONS} partitions, ~{avg:.0f} B each)",
+        {"entries": n, "partitions": PARTITIONS, "repetitions": repeat, "full": full}, machine_info({}),
+    )  # fmt: skip
+    runs = {"raw": Run("raw: offsets_for_times + assign + consume(500) + decode", avg),
+            "runtime": Run("logferry replay → running Processor (key-ordered, 64 threads)", avg)}  # fmt: skip
+    seeks: dict[str, list[float]] = {"raw": [], "runtime": []}
+
+    def side(name: str) -> Callable[[], Sample]:
+        def run() -> Sample:
+            args = {"bootstrap": bootstrap, "topic": topic, "n": n, "since_ms": since_ms}
+            if name == "runtime":
+                args["control"] = f"bench-control-{uuid.uuid4().hex[:8]}"
+            r = _side(name, args)
+            seeks[name].append(r["seek"])
+            return Sample(r["entries"], r["seconds"], r["cpu_seconds"], r["peak_rss_mb"])
+
+        return run
+
+    with out.status(f"replay: raw and logferry x {repeat}…"):
+        alternate({k: side(k) for k in runs}, runs, repeat)
+    report.runs = list(runs.values())
+    report.ratios.append(ratio("re-processing: logferry replay / raw loop", runs["runtime"], runs["raw"]))
+    report.extra["seek_s"] = {k: asdict(Spread.of(v)) for k, v in seeks.items()}
+    raw_seek, rt_seek = (Spread.of(seeks[k]).median for k in ("raw", "runtime"))
+    report.notes.append(
+        f"seek (median): logferry command → every member acknowledged {rt_seek * 1000:.0f} ms; "
+        f"raw offsets_for_times + assign {raw_seek * 1000:.0f} ms. Rates include the seek."
+    )
+    return report
 
 
 if __name__ == "__main__":
