@@ -89,16 +89,8 @@ class KeyedQueue:
                 records += len(items)  # type: ignore[arg-type]
         return out
 
-    def release(self, lane: Lane, high: bool) -> bool:
-        """Hand a held lane back; True when it had more records queued and is ready again."""
-        if self._lanes[lane]:
-            (self._ready_high if high else self._ready_low).append(lane)
-            return True
-        del self._lanes[lane]
-        return False
-
     def release_all(self, taken: Taken) -> bool:
-        """`release` every lane of a take; True when any of them is ready again."""
+        """Hand every held lane of a take back; True when any had more records queued and is ready again."""
         lanes = self._lanes
         again = False
         for lane, items in taken:

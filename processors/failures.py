@@ -240,12 +240,6 @@ class FailureRouter:
             pauses.set_tp(tp, "dead_letter", False)
         self._paused = stalled
 
-    @property
-    def stalled(self) -> int:
-        """Records whose copy failed and is being sent again."""
-        with self._lock:
-            return sum(self._stalled.values())
-
 
 class Executor:
     """Runs the handler for one record with in-place retries; True when the record is done now."""

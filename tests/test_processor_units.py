@@ -112,9 +112,8 @@ def test_keyed_queue_holds_a_lane_by_one_taker_and_keeps_order(lanes, takes):
             assert lane not in held
             held.add(lane)
             seen[lane].extend(c.offset for c in items)
-        for lane, items in taken:
-            q.release(lane, items[0].high)
-            held.discard(lane)
+        q.release_all(taken)
+        held.clear()
     assert len(q) == 0 and q.ready() == 0
     for lane in set(lanes):
         assert seen[lane] == [i for i, x in enumerate(lanes) if x == lane]
