@@ -22,7 +22,7 @@ from pydantic import Field
 
 from logferry.collectors.buffer import UNDELIVERED, BufferClosed, Record
 from logferry.collectors.fsutil import default_state_dir
-from logferry.collectors.spool import HEADER, MAX_RECORD, Position, Spool
+from logferry.collectors.spool import Position, Spool
 from logferry.config import StrictModel
 from logferry.log import LogOnce
 
@@ -100,8 +100,7 @@ class SpoolSpill:
         payloads = [encode(r) for r in records]
         stored = self.spool.append(payloads, [r[3] * 1000 for r in records])
         if stored < len(payloads) and self._closed:  # closed while this append waited for room
-            limit = min(MAX_RECORD, self.spool.segment_bytes)  # the spool's own rule for what it can hold
-            storable = sum(1 for p in payloads if HEADER.size + len(p) <= limit)  # oversize ones are counted
+            storable = sum(map(self.spool.fits, payloads))  # oversize ones the spool counted already
             if storable > stored:
                 self._unstored(storable - stored)
 

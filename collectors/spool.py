@@ -252,6 +252,10 @@ class Spool:
         self._wseq = seq
 
     # ---- writing ----------------------------------------------------------------------------
+    def fits(self, payload: bytes) -> bool:
+        """Whether a record of this payload can be stored at all (larger ones are dropped, counted)."""
+        return HEADER.size + len(payload) <= min(MAX_RECORD, self.segment_bytes)
+
     def append(self, payloads: Sequence[bytes], received_at: Sequence[int] | int | None = None) -> int:
         """Write records durably (per the fsync policy); returns how many were stored."""
         if not payloads:
@@ -261,7 +265,7 @@ class Spool:
         stamps = [received_at] * len(payloads) if isinstance(received_at, int) else received_at
         records = []
         for p, ts in zip(payloads, stamps, strict=True):
-            if HEADER.size + len(p) > min(MAX_RECORD, self.segment_bytes):
+            if not self.fits(p):
                 ENTRIES_DROPPED.labels(reason="spool_oversize").inc()
                 continue
             records.append(encode_record(p, ts))
