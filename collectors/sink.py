@@ -10,6 +10,12 @@
   only up to the first entry not yet settled. An entry Kafka refused for good is settled
   too (counted in logferry_delivery_failures_total), so one poison entry cannot stop a
   file source's checkpoints forever.
+- A Python call per delivery report was a third of the sink thread's time. While no source
+  wants acknowledgements (sockets, pipes, queues: no checkpoints, no spool) only failures are
+  reported (`delivery.report.only.error`, like Vector's acknowledgements being off) and
+  deliveries are counted: see `CountedDeliveries`. The first source that wants them (a
+  file, the spool, one added by SIGHUP) switches the sink to a report per entry for good,
+  once the old producer has delivered all it holds, so no entry overtakes an older one.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from logferry.collectors.buffer import VALUE, Buffer, Record
+from logferry.collectors.buffer import TIMESTAMP, TOKEN, TOPIC, VALUE, Buffer, Record
 from logferry.collectors.config import SinkSettings
 from logferry.collectors.profiling import profiled
 from logferry.kafka import KafkaSettings
@@ -44,6 +51,8 @@ log = logging.getLogger("logferry.sink")
 AckCallback = Callable[[Sequence[Any]], None]
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 GET_BATCH = 10_000
+# Bytes delivered are values' bytes, as a delivery report's len(msg).
+_topics, _values, _timestamps, _tokens = itemgetter(TOPIC), itemgetter(VALUE), itemgetter(TIMESTAMP), itemgetter(TOKEN)
 
 
 class AckTracker:
@@ -76,6 +85,69 @@ class AckTracker:
 
     def __len__(self) -> int:
         return len(self._tokens)
+
+
+class CountedDeliveries:
+    """Deliveries of a producer that reports only failures, counted instead of reported.
+
+    After poll(), `produced - len(producer)` entries are settled: librdkafka's count still holds
+    an entry until its report was served, so this never counts one too early. Settled entries are
+    attributed to topics and receive times in produce order: exact per partition (idempotence keeps
+    it), and across partitions the split between topics and latencies can lag by what is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._runs: deque[list[Any]] = deque()  # [topic, entries, bytes, receive time ms] in produce order
+        self.produced = 0
+        self.settled = 0
+
+    def add(self, records: Sequence[Record]) -> None:
+        """Count produced records, as runs of one topic and receive time (one read of a source)."""
+        if not records:
+            return
+        runs = self._runs
+        topics = set(map(_topics, records))
+        if len(topics) == 1:  # the usual batch: counted at C speed, its bytes split over the runs
+            topic = topics.pop()
+            nbytes, total = sum(map(len, map(_values, records))), len(records)
+            left = nbytes
+            for ts, n in Counter(map(_timestamps, records)).items():
+                part = nbytes * n // total
+                runs.append([topic, n, part, ts])
+                left -= part
+            runs[-1][2] += left
+        else:
+            groups: dict[tuple[str, int], list[Any]] = {}
+            for topic, _key, value, ts, _source, _token in records:
+                run = groups.get((topic, ts))
+                if run is None:
+                    run = groups[topic, ts] = [topic, 0, 0, ts]
+                    runs.append(run)
+                run[1] += 1
+                run[2] += len(value)
+        self.produced += len(records)
+
+    def settle(self, outstanding: int, tallies: dict[str, list[int]], latencies: dict[int, int]) -> None:
+        """`outstanding`: len(producer) just after a poll. Adds what settled since the last call."""
+        n = self.produced - outstanding - self.settled
+        if n <= 0:
+            return
+        self.settled += n
+        runs = self._runs
+        while n:
+            run = runs[0]
+            topic, entries, nbytes, ts = run
+            take = min(n, entries)
+            part = nbytes if take == entries else nbytes * take // entries
+            if take == entries:
+                runs.popleft()
+            else:
+                run[1], run[2] = entries - take, nbytes - part
+            tally = tallies.setdefault(topic, [0, 0])
+            tally[0] += take
+            tally[1] += part
+            latencies[ts] = latencies.get(ts, 0) + take
+            n -= take
 
 
 WRITE_AHEAD_WINDOW = 10_000  # spooled records handed to the producer at once (spill policy)
@@ -117,8 +189,13 @@ class KafkaSink:
         self.settings = settings
         self.headers = default_codec().headers
         write_ahead = bool(getattr(buffer.spill, "write_ahead", False))
-        self.producer = Producer({**producer_config(kafka, settings, write_ahead), "error_cb": self._on_error})
+        self._config = {**producer_config(kafka, settings, write_ahead), "error_cb": self._on_error}
         self._trackers = {name: AckTracker(cb) for name, cb in (acks or {}).items()}
+        # None: every delivery is reported (some source wants acknowledgements); else only failures.
+        self.counted: CountedDeliveries | None = None if self._trackers else CountedDeliveries()
+        self._wants_reports = False  # a record with an ack token reached the counting producer
+        self._failed_unsettled = 0  # failures the counting producer reported, not yet counted settled
+        self.producer = self._new_producer()
         self._thread = threading.Thread(target=profiled(self._run, "kafka-sink"), name="kafka-sink", daemon=True)
         self._stop = threading.Event()
         self._drain_deadline: float | None = None
@@ -131,6 +208,11 @@ class KafkaSink:
         self.failed_total = 0
         self.produced_total = 0
         KAFKA_CONNECTED.set(0)
+
+    def _new_producer(self) -> Producer:
+        if self.counted is None:
+            return Producer(self._config)
+        return Producer({**self._config, "delivery.report.only.error": True, "on_delivery": self._on_failed_report})
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> KafkaSink:
@@ -183,6 +265,8 @@ class KafkaSink:
 
     def _step(self) -> bool:
         """One round: move what librdkafka has room for, serve callbacks. True when the drain is over."""
+        if self.counted is not None and (self._trackers or self._wants_reports) and not self._report_every_delivery():
+            return self._drain_over()
         # Take only what librdkafka has room for: the rest waits in the buffer, where its
         # limits and full-policy apply, rather than piling up unbounded in this thread.
         room = min(GET_BATCH, self.settings.queue_max_messages - len(self.producer))
@@ -194,17 +278,40 @@ class KafkaSink:
             self._produce_all(records)
         self.producer.poll(0)
         self._flush_tallies()
+        return self._drain_over(bool(records))
+
+    def _drain_over(self, produced: bool = False) -> bool:
         deadline = self._drain_deadline
         if deadline is None:
             return False
-        if not records and len(self.buffer) == 0:
+        if not produced and len(self.buffer) == 0:
             self.producer.flush(min(max(0.0, deadline - time.monotonic()), 0.5))
             self._flush_tallies()
             if len(self.producer) == 0:
                 return True
         return time.monotonic() >= deadline
 
+    def _report_every_delivery(self) -> bool:
+        """Switch to a report per entry (a source wants acknowledgements): the old producer delivers
+        what it holds first, so no entry overtakes an older one. False while that is not done."""
+        old = self.producer
+        if len(old):
+            old.flush(0.1)
+        self._flush_tallies()
+        if len(old):
+            return False
+        self.counted = None
+        self.producer = self._new_producer()
+        close = getattr(old, "close", None)
+        if close is not None:
+            close()
+        log.info("Kafka sink: a source wants acknowledgements; every delivery is reported from now on")
+        return True
+
     def _produce_all(self, records: list[Record]) -> None:
+        if self.counted is not None:
+            self._produce_counted(records)
+            return
         produce, headers, poll = self.producer.produce, self.headers, self.producer.poll
         callbacks, trackers = self._callbacks, self._trackers
         for topic, key, value, ts, source, token in records:
@@ -229,11 +336,44 @@ class KafkaSink:
                     break
         self.produced_total += len(records)
 
-    def _give_back(self, records: list[Record], offered: bytes) -> None:
+    def _produce_counted(self, records: list[Record]) -> None:
+        """`_produce_all` without a report per entry: the batch is counted once it is queued."""
+        tokens = list(map(_tokens, records))
+        if tokens.count(None) != len(tokens):  # a source wants acknowledgements: switch first (see _step)
+            first = next(i for i, t in enumerate(tokens) if t is not None)
+            self._wants_reports = True
+            self.buffer.unget(records[first:])
+            records = records[:first]
+        produce, headers, poll = self.producer.produce, self.headers, self.producer.poll
+        counted = self.counted
+        assert counted is not None
+        refused: list[Record] = []
+        for record in records:
+            topic, key, value, ts, _source, _token = record
+            while True:
+                try:
+                    produce(topic, value, key, headers=headers, timestamp=ts)
+                    break
+                except BufferError:  # librdkafka's queue is full: let deliveries free it, then retry
+                    poll(0.05)
+                    self._flush_tallies()
+                    if self._stop.is_set():
+                        start = self._give_back(records, value)
+                        counted.add([r for r in records[:start] if r not in refused])
+                        return
+                except KafkaException as e:  # refused before queueing (e.g. invalid topic name)
+                    self._failed(topic, e.args[0] if e.args else None)
+                    refused.append(record)
+                    break
+        counted.add([r for r in records if r not in refused] if refused else records)
+        self.produced_total += len(records)
+
+    def _give_back(self, records: list[Record], offered: bytes) -> int:
         """Stopping with librdkafka's queue full: the batch from the record being offered on goes back
         to the buffer, where a drain's count of what is left (and a spill's copy) still sees it."""
         start = next(i for i, r in enumerate(records) if r[VALUE] is offered)
         self.buffer.unget(records[start:])
+        return start
 
     @staticmethod
     def _ack_callback(
@@ -265,6 +405,18 @@ class KafkaSink:
         self._callbacks[topic] = on_delivery
         return on_delivery
 
+    def _on_failed_report(self, err: KafkaError | None, msg: Message) -> None:
+        """The only report a counting producer sends: its entry is settled, not delivered."""
+        if err is None:  # not sent with delivery.report.only.error; harmless if it ever is
+            return
+        topic = msg.topic() or "?"
+        self._failed(topic, err)
+        # CountedDeliveries will count it settled: take it out of the deliveries and their latencies.
+        tally = self._tallies.setdefault(topic, [0, 0])
+        tally[0] -= 1
+        tally[1] -= len(msg)
+        self._failed_unsettled += 1
+
     def _failed(self, topic: str, err: KafkaError | None) -> None:
         reason = err.name() if isinstance(err, KafkaError) else "unknown"
         DELIVERY_FAILURES.labels(topic=topic, reason=reason).inc()
@@ -280,18 +432,32 @@ class KafkaSink:
             self._log_once.warning(f"kafka:{err.name()}", "Kafka: %s", err)
 
     def _flush_tallies(self) -> None:
-        if not self._latencies:  # nothing acked since the last push (every ack adds a latency)
+        latencies = self._latencies
+        if self.counted is not None:
+            self.counted.settle(len(self.producer), self._tallies, latencies)
+            if self._failed_unsettled and latencies:  # failures are no deliveries: drop the oldest receipts
+                for ts in sorted(latencies):
+                    take = min(latencies[ts], self._failed_unsettled)
+                    latencies[ts] -= take
+                    self._failed_unsettled -= take
+                    if not self._failed_unsettled:
+                        break
+        if not latencies:  # nothing acked since the last push (every ack adds a latency)
             return
         now = time.time()
         now_ms = now * 1000
+        delivered = 0
         for topic, tally in self._tallies.items():
             count, nbytes = tally
-            if count:
+            if count > 0:  # (a counting producer's failure can be subtracted before its entry settles)
                 DELIVERED.labels(topic=topic).inc(count)
-                DELIVERED_BYTES.labels(topic=topic).inc(nbytes)
-                self.delivered_total += count
-                tally[0] = tally[1] = 0  # in place: the topic's callback holds this list
-        observe_many(DELIVERY_LATENCY, {max(0.0, (now_ms - ts) / 1000): n for ts, n in self._latencies.items()})
-        self._latencies.clear()
-        LAST_DELIVERY.set(now)
-        KAFKA_CONNECTED.set(1)
+                DELIVERED_BYTES.labels(topic=topic).inc(max(nbytes, 0))
+                delivered += count
+                tally[0] = 0  # in place: the topic's callback holds this list
+                tally[1] = min(nbytes, 0)
+        observe_many(DELIVERY_LATENCY, {max(0.0, (now_ms - ts) / 1000): n for ts, n in latencies.items() if n})
+        latencies.clear()
+        if delivered:
+            self.delivered_total += delivered
+            LAST_DELIVERY.set(now)
+            KAFKA_CONNECTED.set(1)
