@@ -347,7 +347,7 @@ class KafkaSink:
         produce, headers, poll = self.producer.produce, self.headers, self.producer.poll
         counted = self.counted
         assert counted is not None
-        refused: list[Record] = []
+        refused: set[int] = set()  # ids of records Kafka refused before queueing (not produced)
         for record in records:
             topic, key, value, ts, _source, _token = record
             while True:
@@ -359,13 +359,13 @@ class KafkaSink:
                     self._flush_tallies()
                     if self._stop.is_set():
                         start = self._give_back(records, value)
-                        counted.add([r for r in records[:start] if r not in refused])
+                        counted.add([r for r in records[:start] if id(r) not in refused])
                         return
                 except KafkaException as e:  # refused before queueing (e.g. invalid topic name)
                     self._failed(topic, e.args[0] if e.args else None)
-                    refused.append(record)
+                    refused.add(id(record))
                     break
-        counted.add([r for r in records if r not in refused] if refused else records)
+        counted.add([r for r in records if id(r) not in refused] if refused else records)
         self.produced_total += len(records)
 
     def _give_back(self, records: list[Record], offered: bytes) -> int:

@@ -162,3 +162,21 @@ def test_an_ack_token_reaching_the_counting_producer_switches_it_first(kafka_set
     got = read_topic(kafka_settings, topic, 300, settle=0.5)
     assert [d.entry["message"] for d in got] == [f"{t} {i}" for t in "abc" for i in range(100)]
     wait_until(lambda: sink.delivered_total == 300, what="all 300 counted delivered")
+
+
+@pytest.mark.kafka
+def test_an_entry_refused_before_queueing_is_neither_counted_produced_nor_delivered(
+    kafka_settings, make_topic, sink_for
+):
+    topic = make_topic()
+    buffer = Buffer(10_000, 1 << 26)
+    sink = sink_for(buffer).start()
+    before, huge = entries(50, "before"), os.urandom(SinkSettings().max_message_bytes + 1)
+    after = entries(50, "after")
+    now_ms = int(time.time() * 1000)
+    buffer.put(records(topic, before, now_ms) + records(topic, [huge], now_ms) + records(topic, after, now_ms))
+    wait_until(lambda: sink.failed_total == 1 and sink.delivered_total == 100, what="100 delivered, 1 refused")
+    got = read_topic(kafka_settings, topic, 100, settle=0.5)
+    assert [d.entry["message"] for d in got] == [f"before {i}" for i in range(50)] + [f"after {i}" for i in range(50)]
+    assert sink.counted is not None and sink.counted.produced == sink.counted.settled == 100
+    assert metric("logferry_entries_delivered_total", topic=topic) == 100
