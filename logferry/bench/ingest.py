@@ -12,8 +12,9 @@ compression.type=zstd, linger.ms and batch.size from the agent's `SinkSettings` 
 - kcat -P -l FILE: the same lines from a file.
 - a bare confluent-kafka loop (the Python ceiling): the same lines from a file, one
   `produce()` per line with the agent's headers, timestamp and delivery reports (failures
-  only, as the agent's sink with sources that want no acknowledgements), in its own process. It parses and encodes nothing, so the agent can only
-  approach it; the gap between the two is what logferry itself costs.
+  only, as the agent's sink asks for them from sources that want no acknowledgements), in
+  its own process. It parses and encodes nothing, so the agent can only approach it; the
+  gap between the two is what logferry itself costs.
 
 The clock stops when the topic's end offset reaches the lines sent (ProducerPerformance
 reports its own rate). CPU seconds and peak RSS are the peer process's own, from /proc
