@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -87,9 +88,15 @@ class Processor:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore[sig] = signal.signal(sig, lambda *_: self.stop())
+        if self.settings.gc_freeze:
+            # Records in flight outlive the young generations, so full collections keep coming; each
+            # walked every object made at start-up (modules, clients) too. Frozen, they are skipped.
+            gc.freeze()
         try:
             self._runtime.run()
         finally:
+            if self.settings.gc_freeze:
+                gc.unfreeze()  # the embedding program's collector as it was
             for sig, previous in restore.items():
                 signal.signal(sig, previous)
             if control is not None:
