@@ -228,7 +228,7 @@ def produce_loop(bootstrap: str, topic: str, path: str) -> dict[str, float]:
     with the very producer settings of the sink (`producer_config`), and nothing else."""
     from confluent_kafka import Producer
 
-    from logferry.collectors.sink import producer_config
+    from logferry.collectors.sink import ANY_PARTITION, producer_config
     from logferry.kafka import KafkaSettings
     from logferry.schemas import default_codec
 
@@ -250,7 +250,7 @@ def produce_loop(bootstrap: str, topic: str, path: str) -> dict[str, float]:
         for line in lines[start : start + 1000]:
             while True:
                 try:
-                    produce(topic, line, None, headers=headers, timestamp=now_ms)
+                    produce(topic, line, None, ANY_PARTITION, None, None, now_ms, headers)
                     break
                 except BufferError:
                     poll(0.05)
