@@ -154,6 +154,12 @@ class CountedDeliveries:
             n -= take
 
 
+def _close(producer: Producer) -> None:
+    close = getattr(producer, "close", None)  # confluent-kafka >= 2.11; older ones close on GC
+    if close is not None:
+        close()
+
+
 WRITE_AHEAD_WINDOW = 10_000  # spooled records handed to the producer at once (spill policy)
 
 
@@ -242,9 +248,7 @@ class KafkaSink:
         self.producer.purge()
         self.producer.poll(0)
         self._flush_tallies()
-        close = getattr(self.producer, "close", None)  # confluent-kafka >= 2.11; older ones close on GC
-        if close is not None:
-            close()
+        _close(self.producer)
 
     def set_ack(self, source: str, deliver: AckCallback) -> None:
         """A (re)started source's acknowledgement callback; entries in flight go to the new one."""
@@ -306,9 +310,7 @@ class KafkaSink:
             return False
         self.counted = None
         self.producer = self._new_producer()
-        close = getattr(old, "close", None)
-        if close is not None:
-            close()
+        _close(old)
         log.info("Kafka sink: a source wants acknowledgements; every delivery is reported from now on")
         return True
 
