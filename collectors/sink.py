@@ -154,6 +154,12 @@ class CountedDeliveries:
             n -= take
 
 
+def failures_only(config: dict[str, Any], on_failure: DeliveryCallback) -> dict[str, Any]:
+    """Producer settings that report only failed deliveries, all to `on_failure` (confluent-kafka skips
+    successful reports in C, so they cost no Python call)."""
+    return {**config, "delivery.report.only.error": True, "on_delivery": on_failure}
+
+
 def _close(producer: Producer) -> None:
     close = getattr(producer, "close", None)  # confluent-kafka >= 2.11; older ones close on GC
     if close is not None:
@@ -222,7 +228,7 @@ class KafkaSink:
     def _new_producer(self) -> Producer:
         if self.counted is None:
             return Producer(self._config)
-        return Producer({**self._config, "delivery.report.only.error": True, "on_delivery": self._on_failed_report})
+        return Producer(failures_only(self._config, self._on_failed_report))
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> KafkaSink:

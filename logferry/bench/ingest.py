@@ -228,7 +228,7 @@ def produce_loop(bootstrap: str, topic: str, path: str) -> dict[str, float]:
     with the very producer settings of the sink (`producer_config`), and nothing else."""
     from confluent_kafka import Producer
 
-    from logferry.collectors.sink import ANY_PARTITION, producer_config
+    from logferry.collectors.sink import ANY_PARTITION, failures_only, producer_config
     from logferry.kafka import KafkaSettings
     from logferry.schemas import default_codec
 
@@ -238,8 +238,7 @@ def produce_loop(bootstrap: str, topic: str, path: str) -> dict[str, float]:
         failed[0] += 1
 
     # Reports as the sink asks for them when no source wants acknowledgements: failures only.
-    config = producer_config(KafkaSettings(bootstrap_servers=bootstrap), SINK)
-    producer = Producer({**config, "delivery.report.only.error": True, "on_delivery": on_failure})
+    producer = Producer(failures_only(producer_config(KafkaSettings(bootstrap_servers=bootstrap), SINK), on_failure))
     headers = default_codec().headers
 
     lines = Path(path).read_bytes().split(b"\n")[:-1]
