@@ -11,7 +11,9 @@ import logging
 import socket
 import threading
 from bisect import bisect_left
+from collections import Counter as Tally
 from collections.abc import Callable
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
@@ -217,8 +219,9 @@ def observe_many(hist: Histogram, counts: dict[float, int]) -> None:
 
 
 class ThreadHistogram:
-    """A histogram child observed from many threads' hot loops: each thread counts into its own
-    buckets without a lock, and `push()` (by that thread, e.g. after a batch) adds them in one step."""
+    """A histogram child observed from many threads' hot loops: each thread appends its values to its
+    own list without a lock, and `push()` (by that thread, e.g. after a batch) buckets them at C speed
+    and adds them in one step."""
 
     def __init__(self, hist: Histogram) -> None:
         self.hist = hist
@@ -226,27 +229,22 @@ class ThreadHistogram:
         self._local = threading.local()
 
     def observe(self, value: float) -> None:
-        if self._parts is None:
-            self.hist.observe(value)
-            return
-        local = self._local
         try:
-            counts = local.counts
+            self._local.values.append(value)
         except AttributeError:
-            counts = local.counts = [0] * len(self._parts[0])
-            local.total = 0.0
-        counts[bisect_left(self._parts[0], value)] += 1
-        local.total += value
+            self._local.values = [value]
 
     def push(self) -> None:
         """Publish what this thread observed since its last push."""
-        counts = getattr(self._local, "counts", None)
-        if not counts or self._parts is None:
+        values = getattr(self._local, "values", None)
+        if not values:
             return
-        _, buckets, total = self._parts
-        for i, n in enumerate(counts):
-            if n:
-                buckets[i].inc(n)
-                counts[i] = 0
-        total.inc(self._local.total)  # type: ignore[attr-defined]
-        self._local.total = 0.0
+        self._local.values = []
+        if self._parts is None:
+            for value in values:
+                self.hist.observe(value)
+            return
+        bounds, buckets, total = self._parts
+        for i, n in Tally(map(partial(bisect_left, bounds), values)).items():
+            buckets[i].inc(n)
+        total.inc(sum(values))  # type: ignore[attr-defined]

@@ -185,7 +185,7 @@ class ThreadDispatcher:
 
     def _handle(self, taken: Taken) -> int:
         """Run a take's records in lane order; returns how many were run."""
-        execute, abandon = self._execute, self.abandon
+        execute, abandoned = self._execute, self.abandon.is_set
         done: list[Context] = []
         handled = 0
         try:
@@ -193,7 +193,7 @@ class ThreadDispatcher:
                 handled += len(items)
                 for ctx in items:
                     ctx._started = True  # set before the check: revoke reads it after setting `closed`
-                    if ctx._state.closed or abandon.is_set():
+                    if ctx._state.closed or abandoned():
                         ctx._started = False
                         continue
                     try:

@@ -9,12 +9,15 @@ late completions of the old one can never move the new one's commit point.
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
+from itertools import repeat, takewhile
+from operator import attrgetter
 
 from logferry.processors.context import Context
 
 _count_lock = threading.Lock()
+_is_done, _state_of = attrgetter("_done"), attrgetter("_state")
 
 
 class PartitionState:
@@ -53,8 +56,14 @@ class PartitionState:
         a second's worth of finished records (and their decoded entries) kept alive made every full
         garbage collection crawl through them, which cost more than handling them."""
         pending = self.pending
-        while pending and pending[0]._done:
-            pending.popleft()
+        if not pending or not pending[0]._done:
+            return
+        n = len(list(takewhile(_is_done, pending)))  # the done prefix, counted at C speed
+        if n == len(pending):
+            pending.clear()
+        else:
+            for _ in repeat(None, n):
+                pending.popleft()
 
     def committable(self) -> int | None:
         """Poll thread only: the next offset to consume after the done prefix (Kafka's commit convention)."""
@@ -99,6 +108,7 @@ def complete(items: Iterable[Context]) -> None:
 def count_completed(items: Iterable[Context]) -> None:
     """Count records already marked done. Workers flip `ctx._done` as each record finishes (so the
     commit point moves at once) and count a lane's worth here, under one lock acquisition."""
+    per_state = Counter(map(_state_of, items))
     with _count_lock:
-        for ctx in items:
-            ctx._state.completed += 1
+        for st, n in per_state.items():
+            st.completed += n
