@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from pydantic import Field, SecretStr, model_validator
 
@@ -123,3 +124,15 @@ def wait_reachable(settings: KafkaSettings, timeout: float = 30.0) -> dict[int, 
         f"Kafka at {settings.bootstrap_servers} did not answer within {timeout:.0f}s{reason}. "
         f"Is it running? Start a local one with `logferry broker start`, or pass --bootstrap-servers."
     )
+
+
+def close_producer(producer: Producer, timeout: float) -> int:
+    """Deliver what the producer holds for up to `timeout` seconds, then close it; returns how many
+    records were left undelivered. confluent-kafka's close() flushes without a time limit, so what
+    is left is purged first (its delivery reports say _PURGE_QUEUE): closing never hangs on a
+    Kafka that went away."""
+    left = producer.flush(timeout)
+    if left:
+        producer.purge()
+    producer.close()
+    return left

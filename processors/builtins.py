@@ -20,7 +20,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from logferry.kafka import KafkaSettings
+from logferry.kafka import KafkaSettings, close_producer
 from logferry.metrics import ENTRIES_BY_SERVICE
 from logferry.processors.config import ArchiveSettings, FilterSettings, ForwardSettings
 from logferry.processors.context import Context
@@ -152,10 +152,9 @@ class Forward:
             raise RuntimeError(f"forward to {self.topic} failed: {result[0]}")  # retried, then dead-lettered
 
     def close(self) -> None:
-        self.producer.flush(10)
         self._stop.set()
         self._poller.join(1)
-        self.producer.close()
+        close_producer(self.producer, 10)
 
 
 def make_builtin(

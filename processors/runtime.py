@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from confluent_kafka.admin import NewTopic
 
 from logferry.errors import SchemaError
-from logferry.kafka import KafkaSettings
+from logferry.kafka import KafkaSettings, close_producer
 from logferry.log import LogOnce
 from logferry.metrics import CONSUMED, FILTERED, IN_FLIGHT, LAG, PAUSED_PARTITIONS, PROCESSED, REBALANCES
 from logferry.processors.commits import KafkaCommitter, OffsetCommitter
@@ -572,7 +572,6 @@ class Runtime:
         except Exception as e:
             log.warning("closing the consumer: %s", e)
         self.dispatcher.stop(timeout=ABANDON_WAIT)
-        left = self.producer.flush(5)
+        left = close_producer(self.producer, 5)  # now, not whenever the garbage collector breaks our cycles
         if left:
             log.warning("%d dead-letter/retry record(s) unsent at exit; their entries were not committed", left)
-        self.producer.close()  # now, not whenever the garbage collector breaks our reference cycles
