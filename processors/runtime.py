@@ -12,11 +12,9 @@ import inspect
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import groupby, islice, repeat
-from operator import itemgetter, lt
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
@@ -37,10 +35,6 @@ from logferry.processors.tracking import PartitionState
 from logferry.schemas import Codec, default_codec
 
 log = logging.getLogger("logferry.processors.runtime")
-# Unbound accessors for C-level passes over a fetch (map(_offset, msgs) runs no Python per record).
-_error, _topic, _partition, _offset = Message.error, Message.topic, Message.partition, Message.offset
-_key, _value, _headers = Message.key, Message.value, Message.headers
-_first, _second = itemgetter(0), itemgetter(1)
 once = LogOnce(log)
 
 LAG_EVERY = 5.0
@@ -280,62 +274,7 @@ class Runtime:
         PAUSED_PARTITIONS.labels(self.group).set(len(self.pauses.paused))
 
     def _admit(self, msgs: list[Message]) -> None:
-        """The hot path: track, decode, filter and queue fetched records (poll thread).
-
-        A fetch is runs of one partition each. A plain partition's run (no filter, not a retry
-        topic, no error events) is admitted a chunk at a time with C-level passes; anything else
-        goes record by record through `_admit_each`, in fetch order either way."""
-        if self.filter.active:
-            self._admit_each(msgs)
-            return
-        states, retry_topics = self.states, self.retry_topics
-        tps = zip(map(_topic, msgs), map(_partition, msgs), strict=True)
-        for tp, pairs in groupby(zip(tps, msgs, strict=True), _first):
-            run = list(map(_second, pairs))
-            st = states.get(tp)
-            if st is None or tp[0] in retry_topics or any(map(_error, run)):
-                self._admit_each(run)
-            else:
-                self._admit_run(st, run)
-
-    def _admit_run(self, st: PartitionState, run: list[Message]) -> None:
-        """`_admit_each` for a run of one plain partition, in chunks of SUBMIT_EVERY."""
-        decode, submit = self.codec.decode, self.dispatcher.submit
-        offsets = list(map(_offset, run))
-        if offsets[0] <= st.last_seen or not all(map(lt, offsets, islice(offsets, 1, None))):
-            self._admit_each(run)  # records fetched twice (librdkafka refetch): record by record skips them
-            return
-        for i in range(0, len(run), SUBMIT_EVERY):
-            chunk = run[i : i + SUBMIT_EVERY]
-            chunk_offsets = offsets[i : i + SUBMIT_EVERY]
-            try:
-                entries = list(map(decode, map(_value, chunk), map(_headers, chunk)))
-            except SchemaError:  # the record by record path sends the undecodable one to the DLQ
-                self._admit_each(run[i:])
-                return
-            ctxs = list(map(Context, chunk, repeat(st), entries, self._chunk_lanes(st, chunk, chunk_offsets),
-                            chunk_offsets))  # fmt: skip
-            st.pending.extend(ctxs)  # PartitionState.admit, for a chunk
-            st.last_seen = chunk_offsets[-1]
-            st.admitted += len(ctxs)
-            submit(ctxs)
-
-    def _chunk_lanes(self, st: PartitionState, chunk: list[Message], offsets: list[int]) -> list[object]:
-        """`self._lanes(msg)` for each record of a one-partition chunk, at C speed where it can be."""
-        ordering = self.s.ordering
-        if ordering == "partition":
-            return [(st.topic, st.partition)] * len(chunk)
-        if ordering == "unordered":
-            return list(zip(repeat(st.topic), repeat(st.partition), offsets))
-        keys = list(map(_key, chunk))
-        if None in keys:
-            return list(map(self._lanes, chunk))
-        if self._lanes == self._key_lane:
-            return keys
-        return list(zip(repeat(self._lane_topic.get(st.topic, st.topic)), keys))
-
-    def _admit_each(self, msgs: list[Message]) -> None:
-        """Record by record: error events, filters, retry topics, refetches, undecodable records."""
+        """The hot path: track, decode, filter and queue each fetched record (poll thread)."""
         states, decode, lane_of, filt, due = self.states, self.codec.decode, self._lanes, self.filter, self.due
         check_filter = filt.active
         batch: list[Context] = []
@@ -412,9 +351,12 @@ class Runtime:
         return child
 
     def _count(self, cache: dict[str, Any], metric: Any, msgs: list[Message]) -> None:
-        if any(map(_error, msgs)):  # partition-EOF and error events are not records
-            msgs = [m for m in msgs if m.error() is None]
-        for t, n in Counter(map(_topic, msgs)).items():
+        counts: dict[str, int] = {}
+        for m in msgs:
+            if m.error() is None:  # partition-EOF and error events are not records
+                t = m.topic()
+                counts[t] = counts.get(t, 0) + 1
+        for t, n in counts.items():
             child = cache.get(t)
             if child is None:
                 child = cache[t] = metric.labels(self.group, t)
