@@ -14,13 +14,18 @@ import pytest
 from typer.testing import CliRunner
 
 from logferry.bench.cli import bench_app
+from logferry.bench.common import bench_topics
 
 pytestmark = pytest.mark.kafka
 
 
 def run_suite(tmp_path: Path, *args: str) -> dict[str, Any]:
+    cluster = args[args.index("-b") + 1] if "-b" in args else None
+    before = bench_topics(cluster) if cluster else set()
     result = CliRunner().invoke(bench_app, [*args, "--repeat", "1", "--out", str(tmp_path)])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    if cluster:  # a user's cluster keeps none of the suite's topics (inputs, dead-letter topics)
+        assert bench_topics(cluster) == before
     suite = args[0]
     assert (tmp_path / f"{suite}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / f"{suite}.json").read_text())

@@ -236,14 +236,42 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, pause: fl
 # ---- Kafka -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def kafka(bootstrap_servers: str | None) -> Iterator[str]:
-    """The user's cluster, or a throw-away local broker for the length of the suite."""
+    """The user's cluster, or a throw-away local broker for the length of the suite.
+
+    On the user's cluster the suite deletes, at the end, the topics that appeared while it ran
+    and are named `bench-…`: its own input topics and the dead-letter topics its Processors made
+    (so two suites run at once on one cluster would delete each other's)."""
     if bootstrap_servers:
-        yield bootstrap_servers
+        before = bench_topics(bootstrap_servers)
+        try:
+            yield bootstrap_servers
+        finally:
+            _delete_topics(bootstrap_servers, bench_topics(bootstrap_servers) - before)
         return
     from logferry.broker import ephemeral_cluster
 
     with out.status("starting a throw-away Kafka…"), ephemeral_cluster() as cluster:
         yield cluster.bootstrap_servers
+
+
+def bench_topics(bootstrap: str) -> set[str]:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    return {t for t in admin.list_topics(timeout=30).topics if t.startswith("bench-")}
+
+
+def _delete_topics(bootstrap: str, topics: set[str]) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    if not topics:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    for topic, fut in admin.delete_topics(sorted(topics), operation_timeout=30).items():
+        try:
+            fut.result(60)
+        except Exception as e:  # the results are printed already: say what is left, do not fail the run
+            out.print(f"[yellow]could not delete bench topic {topic}: {e}[/]")
 
 
 def new_topic(bootstrap: str, prefix: str, partitions: int = 1) -> str:
