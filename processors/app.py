@@ -22,6 +22,35 @@ log = logging.getLogger("logferry.processors")
 H = TypeVar("H", bound=Callable[..., Any])
 
 
+class _FrozenWhileRunning:
+    """`gc_freeze`, shared by the Processors of one process. Records in flight outlive the young
+    generations, so full collections keep coming; each walked every object made at start-up
+    (modules, clients) too. Frozen (gc.freeze), they are skipped. Each start freezes what exists
+    then; the last Processor to stop unfreezes, unless the program had frozen objects of its own
+    before the first start (gc cannot unfreeze selectively: those, and ours, stay frozen)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._program_froze = False
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._program_froze = gc.get_freeze_count() > 0
+            self._running += 1
+            gc.freeze()
+
+    def release(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0 and not self._program_froze:
+                gc.unfreeze()
+
+
+_FROZEN = _FrozenWhileRunning()
+
+
 class Processor:
     """A consumer-group member that runs one handler over log entries.
 
@@ -89,14 +118,12 @@ class Processor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore[sig] = signal.signal(sig, lambda *_: self.stop())
         if self.settings.gc_freeze:
-            # Records in flight outlive the young generations, so full collections keep coming; each
-            # walked every object made at start-up (modules, clients) too. Frozen, they are skipped.
-            gc.freeze()
+            _FROZEN.hold()
         try:
             self._runtime.run()
         finally:
             if self.settings.gc_freeze:
-                gc.unfreeze()  # the embedding program's collector as it was
+                _FROZEN.release()
             for sig, previous in restore.items():
                 signal.signal(sig, previous)
             if control is not None:
