@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from logferry.kafka import KafkaSettings
+from logferry.kafka import KafkaSettings, close_producer
 from logferry.log import LogOnce
 from logferry.metrics import REPLAYS
 from logferry.processors.offsets import TP, iso_ms
@@ -274,7 +274,7 @@ class ControlListener:
         return {tp: o for tp, o in at.items() if o >= 0}
 
     def close(self) -> None:
-        self.producer.flush(5)
+        close_producer(self.producer, 5)
         self.consumer.close()
 
 
@@ -299,6 +299,7 @@ def publish_and_wait(
         return acks
     finally:
         reader.close()
+        close_producer(producer, 1)  # flushed above, or the command failed: nothing to wait for
 
 
 def ack_rows(acks: dict[str, Ack]) -> list[dict[str, Any]]:

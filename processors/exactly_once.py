@@ -32,7 +32,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from logferry.errors import LogferryError
-from logferry.kafka import KafkaSettings
+from logferry.kafka import KafkaSettings, close_producer
 from logferry.log import LogOnce
 from logferry.metrics import COMMITTED_OFFSET, TXN_COMMIT_RETRIES
 from logferry.processors.config import ProcessorSection
@@ -269,7 +269,7 @@ class ExactlyOnceRuntime(Runtime):
         super()._close()
         if self._in_doubt is not None:
             self._settle(wait=True)
-        self.txn.flush(5)
+        close_producer(self.txn, 5)  # an open transaction is aborted: its input is handled again
 
 
 def _retriable(err: KafkaError) -> bool:
