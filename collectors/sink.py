@@ -98,11 +98,14 @@ class CountedDeliveries:
     an entry until its report was served, so this never counts one too early. Settled entries are
     attributed to topics and receive times in produce order: exact per partition (idempotence keeps
     it), and across partitions the split between topics and latencies can lag by what is in flight.
+    A failed entry leaves the count at once (`fail`): settled in produce order, it would be counted
+    as the delivery of an older entry, perhaps of another topic and still in flight.
     """
 
     def __init__(self) -> None:
         self._runs: deque[list[Any]] = deque()  # [topic, entries, bytes, receive time ms] in produce order
-        self.produced = 0
+        self._failed: dict[str, int] = {}  # topic → failed entries whose place in the runs is not passed yet
+        self.produced = 0  # less the failed
         self.settled = 0
 
     def add(self, records: Sequence[Record]) -> None:
@@ -137,10 +140,23 @@ class CountedDeliveries:
         if n <= 0:
             return
         self.settled += n
-        runs = self._runs
+        runs, failed = self._runs, self._failed
         while n:
             run = runs[0]
             topic, entries, nbytes, ts = run
+            if failed and (f := failed.get(topic)):  # the topic's oldest entries stand for its failed ones
+                skip = min(f, entries)
+                part = nbytes if skip == entries else nbytes * skip // entries
+                if skip == entries:
+                    runs.popleft()
+                else:
+                    run[1], run[2] = entries - skip, nbytes - part
+                if f == skip:
+                    del failed[topic]
+                else:
+                    failed[topic] = f - skip
+                tallies.setdefault(topic, [0, 0])[1] += part  # (their bytes came off the tally when they failed)
+                continue
             take = min(n, entries)
             part = nbytes if take == entries else nbytes * take // entries
             if take == entries:
@@ -152,6 +168,11 @@ class CountedDeliveries:
             tally[1] += part
             latencies[ts] = latencies.get(ts, 0) + take
             n -= take
+
+    def fail(self, topic: str) -> None:
+        """An entry of `topic` failed (its report is being served): not one to count delivered."""
+        self.produced -= 1
+        self._failed[topic] = self._failed.get(topic, 0) + 1
 
 
 def failures_only(config: dict[str, Any], on_failure: DeliveryCallback) -> dict[str, Any]:
@@ -204,7 +225,6 @@ class KafkaSink:
         # None: every delivery is reported (some source wants acknowledgements); else only failures.
         self.counted: CountedDeliveries | None = None if self._trackers else CountedDeliveries()
         self._wants_reports = False  # a record with an ack token reached the counting producer
-        self._failed_unsettled = 0  # failures the counting producer reported, not yet counted settled
         self.producer = self._new_producer()
         self._thread = threading.Thread(target=profiled(self._run, "kafka-sink"), name="kafka-sink", daemon=True)
         self._stop = threading.Event()
@@ -424,11 +444,9 @@ class KafkaSink:
             return
         topic = msg.topic() or "?"
         self._failed(topic, err)
-        # CountedDeliveries will count it settled: take it out of the deliveries and their latencies.
-        tally = self._tallies.setdefault(topic, [0, 0])
-        tally[0] -= 1
-        tally[1] -= len(msg)
-        self._failed_unsettled += 1
+        if self.counted is not None:  # out of the count before it settles (see CountedDeliveries)
+            self.counted.fail(topic)
+        self._tallies.setdefault(topic, [0, 0])[1] -= len(msg)
 
     def _failed(self, topic: str, err: KafkaError | None) -> None:
         reason = err.name() if isinstance(err, KafkaError) else "unknown"
@@ -448,13 +466,6 @@ class KafkaSink:
         latencies = self._latencies
         if self.counted is not None:
             self.counted.settle(len(self.producer), self._tallies, latencies)
-            if self._failed_unsettled and latencies:  # failures are no deliveries: drop the oldest receipts
-                for ts in sorted(latencies):
-                    take = min(latencies[ts], self._failed_unsettled)
-                    latencies[ts] -= take
-                    self._failed_unsettled -= take
-                    if not self._failed_unsettled:
-                        break
         if not latencies:  # nothing acked since the last push (every ack adds a latency)
             return
         now = time.time()
@@ -468,7 +479,12 @@ class KafkaSink:
                 delivered += count
                 tally[0] = 0  # in place: the topic's callback holds this list
                 tally[1] = min(nbytes, 0)
-        observe_many(DELIVERY_LATENCY, {max(0.0, (now_ms - ts) / 1000): n for ts, n in latencies.items() if n})
+        observed: dict[float, int] = {}
+        for ts, n in latencies.items():  # receive times after now (a clock stepped back) all observe 0
+            if n:
+                seconds = max(0.0, (now_ms - ts) / 1000)
+                observed[seconds] = observed.get(seconds, 0) + n
+        observe_many(DELIVERY_LATENCY, observed)
         latencies.clear()
         if delivered:
             self.delivered_total += delivered
