@@ -297,7 +297,7 @@ class Agent:
         spill = self.buffer.spill
         close_spill = getattr(spill, "close", None)
         if close_spill is not None:
-            # Before sink.close(): its purge settles undelivered records, which must stay in the spool.
+            # Before sink.close(), which purges what the producer holds (never acknowledged: it stays spooled).
             close_spill()  # an append still waiting for spool room ends, and what it held is counted
         for t in self._threads.values():
             t.join(1.0)  # sources that were stuck in a put end now

@@ -241,7 +241,10 @@ class KafkaSink:
 
     def _new_producer(self) -> Producer:
         if self.counted is None:
-            return Producer(self._config)
+            # Some source checkpoints on acknowledgements (a file; the spool): a delivery timeout would
+            # settle an outage's entries as failures and move its checkpoint past them. They wait for
+            # Kafka instead (librdkafka's 0 = until delivered); only what Kafka refuses for good fails.
+            return Producer({**self._config, "delivery.timeout.ms": 0})
         return Producer(failures_only(self._config, self._on_failed_report))
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -415,6 +418,8 @@ class KafkaSink:
         def callback(err: KafkaError | None, msg: Message | None) -> None:
             if msg is not None:
                 on_delivery(err, msg)
+            if err is not None and err.code() == KafkaError._PURGE_QUEUE:
+                return  # purged at close, never sent: its source must not checkpoint past it
             tracker.settle(seq)
 
         return callback
