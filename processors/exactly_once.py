@@ -13,8 +13,9 @@ A crash before commit_transaction: the open transaction is aborted (by the resta
 whose stable transactional.id fences its predecessor at once, or by the transaction timeout)
 and the group resumes from the previous transaction's offsets. A rebalance that fences the
 offsets (stale generation) aborts; the new owner redoes the work. read_committed readers of
-the output therefore see each input's result exactly once. Dead letters still go through the
-runtime's idempotent (non-transactional) producer: at-least-once, like every other mode.
+the output therefore see each input's result exactly once. A delayed-retry copy rides in the
+transaction too (it is handled again, so it must not outlive an abort). Dead letters still go
+through the runtime's idempotent (non-transactional) producer: at-least-once, like every other mode.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from logferry.errors import LogferryError
 from logferry.kafka import KafkaSettings, close_producer
 from logferry.log import LogOnce
-from logferry.metrics import COMMITTED_OFFSET, TXN_COMMIT_RETRIES
+from logferry.metrics import COMMITTED_OFFSET, RETRIED, TXN_COMMIT_RETRIES
 from logferry.processors.config import ProcessorSection
 from logferry.processors.context import Context
+from logferry.processors.failures import Divert
 from logferry.processors.runtime import Runtime
-from logferry.processors.tracking import PartitionState
+from logferry.processors.tracking import PartitionState, complete
 from logferry.schemas import Codec
 
 log = logging.getLogger("logferry.processors.exactly_once")
@@ -47,6 +49,9 @@ once = LogOnce(log)
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]
 TXN_TIMEOUT = 30.0
 SEND_OFFSETS_TRIES = 3
+# librdkafka refuses at produce() a record whose key + value + headers + framing (<= ~40 bytes of
+# varints and attributes, <= 10 per header) exceed message.max.bytes: bounds of that framing.
+RECORD_OVERHEAD, HEADER_OVERHEAD = 64, 10
 
 
 class FencedError(LogferryError):
@@ -67,6 +72,20 @@ def transactional_id(settings: ProcessorSection) -> str:
     return f"logferry-{settings.group}-{settings.member_id or socket.gethostname()}"
 
 
+def wire_size(record: Record) -> int:
+    """An upper bound of the size librdkafka checks against message.max.bytes."""
+    key, value, headers = record
+    size = RECORD_OVERHEAD + len(value) + len(key or b"")
+    for name, v in headers or ():
+        for part in (name, v or b""):
+            size += len(part.encode() if isinstance(part, str) else part)
+    return size + HEADER_OVERHEAD * len(headers or ())
+
+
+def _header_types(name: object, value: object) -> bool:
+    return isinstance(name, str | bytes) and isinstance(value, str | bytes | None)
+
+
 def to_records(result: Any, ctx: Context, codec: Codec) -> list[Record]:
     """A handler's return value as output records (raises TypeError/SchemaError: a handler failure)."""
     if result is None:
@@ -79,6 +98,14 @@ def to_records(result: Any, ctx: Context, codec: Codec) -> list[Record]:
         key, headers, result = (result.key if result.key is not None else ctx.key), result.headers, result.value
     if isinstance(key, str):
         key = key.encode()
+    # Checked here, in the worker, so a bad result fails its own input (retries, dead letter): at
+    # produce() time it would abort the member's every transaction, or crash it.
+    if key is not None and not isinstance(key, bytes):
+        raise TypeError(f"result key is {type(key).__name__}; expected bytes, str or None")
+    if headers is not None:
+        headers = list(headers.items() if isinstance(headers, dict) else headers)
+        if not all(isinstance(h, tuple) and len(h) == 2 and _header_types(*h) for h in headers):
+            raise TypeError("result headers must be a list of (str, bytes) pairs")
     if isinstance(result, bytes):
         return [(key, result, headers)]
     if isinstance(result, str):
@@ -96,8 +123,8 @@ class ExactlyOnceRuntime(Runtime):
 
     def __init__(self, settings: ProcessorSection, kafka: KafkaSettings, handler: Callable[..., Any],
                  **kwargs: Any) -> None:  # fmt: skip
-        # Results of done records not yet in a transaction: partition state -> offset -> records.
-        self._results: dict[PartitionState, dict[int, list[Record]]] = {}
+        # Results of done records not yet in a transaction: partition state -> offset -> (topic, records).
+        self._results: dict[PartitionState, dict[int, tuple[str, list[Record]]]] = {}
         # States being revoked: their running work may still finish and be committed, though they
         # are no longer in `states`. Any other state that is not current is retired: late results
         # of its running work are dropped. Empty between rebalances, so nothing accumulates.
@@ -106,17 +133,18 @@ class ExactlyOnceRuntime(Runtime):
         # A transaction whose commit timed out: its (state, offset) moves, applied once it commits.
         self._in_doubt: list[tuple[PartitionState, int]] | None = None
         super().__init__(settings, kafka, self._collecting(handler), **kwargs)
+        self.router.divert = self._divert
         assert settings.output_topic is not None
         self.output_topic = settings.output_topic
         self.transactional_id = transactional_id(settings)
-        self.txn = Producer(
-            kafka.client_config(**{
-                "transactional.id": self.transactional_id,
-                "transaction.timeout.ms": int(TXN_TIMEOUT * 1000),
-                "linger.ms": 5,
-                "error_cb": self._on_error,
-            })
-        )  # fmt: skip
+        txn_config = kafka.client_config(**{
+            "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": int(TXN_TIMEOUT * 1000),
+            "linger.ms": 5,
+            "error_cb": self._on_error,
+        })  # fmt: skip
+        self.max_message_bytes = int(txn_config.get("message.max.bytes", 1_000_000))
+        self.txn = Producer(txn_config)
         # Fences a predecessor with the same id and aborts its open transaction, if any.
         self.txn.init_transactions(TXN_TIMEOUT)
         log.info("exactly-once: transactional.id %s, results to %s", self.transactional_id, self.output_topic)
@@ -137,13 +165,29 @@ class ExactlyOnceRuntime(Runtime):
 
         return collect
 
-    def _keep(self, ctx: Context, records: list[Record]) -> None:
+    def _keep(self, ctx: Context, records: list[Record], topic: str | None = None) -> None:
         if not records:
             return
+        for r in records:
+            if (size := wire_size(r)) > self.max_message_bytes:
+                raise ValueError(f"a result of ~{size} bytes exceeds message.max.bytes ({self.max_message_bytes})")
         st = ctx._state
         with self._results_lock:
             if self.states.get((st.topic, st.partition)) is st or st in self._releasing:
-                self._results.setdefault(st, {})[ctx.offset] = records
+                self._results.setdefault(st, {})[ctx.offset] = (topic or self.output_topic, records)
+
+    def _divert(self, d: Divert) -> None:
+        """A retry-topic copy goes in the transaction with its input's offset: sent on its own, it
+        would outlive an aborted transaction, and the input, handled again, would then yield its
+        result twice (once more from the copy). Dead letters stay at-least-once (never re-handled)."""
+        copy = (d.ctx.key, d.ctx.value, d.headers)
+        if d.kind != "retry" or d.ctx.value is None or wire_size(copy) > self.max_message_bytes:
+            self.router.send(d)  # its refusals stall the partition, never the transaction
+            return
+        self._keep(d.ctx, [copy], d.target)  # type: ignore[list-item]
+        RETRIED.labels(self.group, d.original).inc()
+        d.ctx._state.diverted += 1
+        complete([d.ctx])
 
     def _retire(self, states: list[PartitionState]) -> None:
         with self._results_lock:
@@ -156,7 +200,7 @@ class ExactlyOnceRuntime(Runtime):
         if self._in_doubt is not None and not self._settle(wait=sync):
             return  # the last commit's outcome is still unknown: no new transaction may start
         moved: list[tuple[PartitionState, int]] = []
-        records: list[Record] = []
+        records: list[tuple[str, Record]] = []
         with self._results_lock:
             for st in states if states is not None else list(self.states.values()):
                 c = st.to_commit()
@@ -164,8 +208,9 @@ class ExactlyOnceRuntime(Runtime):
                     continue
                 moved.append((st, c))
                 done = self._results.get(st)
-                if done:
-                    records += [r for off in sorted(o for o in done if o < c) for r in done[off]]
+                for off in sorted(o for o in done or () if o < c):
+                    topic, rs = done[off]  # type: ignore[index]
+                    records += [(topic, r) for r in rs]
         if not moved:
             return
         offsets = [TopicPartition(st.topic, st.partition, c) for st, c in moved]
@@ -174,15 +219,15 @@ class ExactlyOnceRuntime(Runtime):
         self._in_doubt = moved
         self._settle(wait=sync)
 
-    def _open(self, records: list[Record], offsets: list[TopicPartition]) -> bool:
+    def _open(self, records: list[tuple[str, Record]], offsets: list[TopicPartition]) -> bool:
         """Begin a transaction with the results and the offsets; False when it had to be aborted."""
         txn = self.txn
         try:
             txn.begin_transaction()
-            for key, value, headers in records:
+            for topic, (key, value, headers) in records:
                 while True:
                     try:
-                        txn.produce(self.output_topic, value=value, key=key, headers=headers)
+                        txn.produce(topic, value=value, key=key, headers=headers)
                         break
                     except BufferError:
                         txn.poll(0.05)

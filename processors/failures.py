@@ -127,6 +127,8 @@ class FailureRouter:
         self._stalled: dict[TP, int] = {}  # partition -> its sends that failed and are not acknowledged yet
         self._paused: set[TP] = set()  # partitions this router asked the poll thread to pause
         self._stalled_gauge = DEAD_LETTER_STALLED.labels(group)
+        # Where give_up's copies go; exactly-once puts its retry copies in its transaction instead.
+        self.divert: Callable[[Divert], None] = self.send
 
     def stage_of(self, topic: str) -> tuple[str, int]:
         """(original topic, index of the next retry stage) for a record from `topic`."""
@@ -159,9 +161,9 @@ class FailureRouter:
         if exc is not None:
             headers.append((H_EXC_TYPE, type(exc).__qualname__.encode()))
             headers.append((H_EXC_MESSAGE, str(exc)[:MAX_MESSAGE_HEADER].encode(errors="replace")))
-        self._send(Divert(ctx, target, headers, kind, reason, original))
+        self.divert(Divert(ctx, target, headers, kind, reason, original))
 
-    def _send(self, d: Divert) -> None:
+    def send(self, d: Divert) -> None:
         """Any thread. A refusal at produce() (e.g. the record is too large) is retried like a failed delivery."""
         ctx = d.ctx
         while True:
@@ -231,7 +233,7 @@ class FailureRouter:
                 log.info("dropped the pending send of %s to %s: its partition is no longer ours", d.ctx, d.target)
                 self._unstall(d)
             else:
-                self._send(d)
+                self.send(d)
         with self._lock:
             stalled = set(self._stalled)
         for tp in stalled - self._paused:
