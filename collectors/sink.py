@@ -142,27 +142,16 @@ class CountedDeliveries:
         self.settled += n
         runs, failed = self._runs, self._failed
         while n:
-            run = runs[0]
-            topic, entries, nbytes, ts = run
+            topic, _entries, _bytes, ts = runs[0]
             if failed and (f := failed.get(topic)):  # the topic's oldest entries stand for its failed ones
-                skip = min(f, entries)
-                part = nbytes if skip == entries else nbytes * skip // entries
-                if skip == entries:
-                    runs.popleft()
-                else:
-                    run[1], run[2] = entries - skip, nbytes - part
+                skip, part = _take_oldest(runs, f)
                 if f == skip:
                     del failed[topic]
                 else:
                     failed[topic] = f - skip
                 tallies.setdefault(topic, [0, 0])[1] += part  # (their bytes came off the tally when they failed)
                 continue
-            take = min(n, entries)
-            part = nbytes if take == entries else nbytes * take // entries
-            if take == entries:
-                runs.popleft()
-            else:
-                run[1], run[2] = entries - take, nbytes - part
+            take, part = _take_oldest(runs, n)
             tally = tallies.setdefault(topic, [0, 0])
             tally[0] += take
             tally[1] += part
@@ -173,6 +162,19 @@ class CountedDeliveries:
         """An entry of `topic` failed (its report is being served): not one to count delivered."""
         self.produced -= 1
         self._failed[topic] = self._failed.get(topic, 0) + 1
+
+
+def _take_oldest(runs: deque[list[Any]], most: int) -> tuple[int, int]:
+    """Up to `most` entries off the oldest run: (entries, their share of the run's bytes)."""
+    run = runs[0]
+    entries, nbytes = run[1], run[2]
+    take = min(most, entries)
+    part = nbytes if take == entries else nbytes * take // entries
+    if take == entries:
+        runs.popleft()
+    else:
+        run[1], run[2] = entries - take, nbytes - part
+    return take, part
 
 
 def failures_only(config: dict[str, Any], on_failure: DeliveryCallback) -> dict[str, Any]:
