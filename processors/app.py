@@ -60,7 +60,7 @@ class Processor:
     >>> app.run()  # until SIGTERM/SIGINT or app.stop()
 
     Keyword options are those of the `[processor]` config table (`ProcessorSection`):
-    max_in_flight, rate_limit, retries, retry_delays, dead_letter_topic, filter, ...
+    inline, max_in_flight, rate_limit, retries, retry_delays, dead_letter_topic, filter, ...
     `where` is an extra Python predicate on the entry, applied before the handler.
     """
 
@@ -96,7 +96,8 @@ class Processor:
         self.control: ControlListener | None = None  # the live-replay listener while running
 
     def handler(self, fn: H) -> H:
-        """Register `fn(entry, ctx)`: a plain function runs on worker threads, `async def` on an event loop."""
+        """Register `fn(entry, ctx)`: a plain function runs on worker threads (on the poll thread with
+        `inline=True`), `async def` on an event loop."""
         self._handler = fn
         return fn
 
@@ -106,11 +107,16 @@ class Processor:
             raise ConfigError("Processor.run(): no handler registered (decorate a function with @app.handler)")
         control = ControlListener.for_settings(self.settings, self.kafka)  # live replay (`logferry replay`)
         runtime = ExactlyOnceRuntime if self.settings.exactly_once else Runtime
-        self._runtime = runtime(
-            self.settings, self.kafka, self._handler,
-            predicate=self.where, hooks=control.hooks(self.hooks) if control else self.hooks,
-            stop_event=self._stop, committer=self.committer,
-        )  # fmt: skip
+        try:
+            self._runtime = runtime(
+                self.settings, self.kafka, self._handler,
+                predicate=self.where, hooks=control.hooks(self.hooks) if control else self.hooks,
+                stop_event=self._stop, committer=self.committer,
+            )  # fmt: skip
+        except BaseException:  # e.g. a setting the handler cannot run with: no listener left behind
+            if control is not None:
+                control.close()
+            raise
         self.control = control
         self._created.set()
         restore: dict[int, Any] = {}

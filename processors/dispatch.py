@@ -4,7 +4,8 @@ A lane is the ordering unit: the record key (`ordering="key"`), the partition
 (`"partition"`) or the record itself (`"unordered"`). `KeyedQueue` is the bookkeeping,
 shared by the thread dispatcher (blocking handlers) and the asyncio one (`async def`):
 a lane is either absent, waiting in the ready queue, or held by exactly one worker, who
-takes all its queued records at once and hands the lane back when done.
+takes all its queued records at once and hands the lane back when done. The inline
+dispatcher (`inline = true`) needs none of it: it runs records on the poll thread in fetch order.
 
 Under the GIL, waking a thread per ready lane makes fast handlers pay more in thread
 hand-offs than in handling. So a worker takes about `SLICE` seconds of work at a time,
@@ -129,6 +130,10 @@ def _log_unfinished(ctx: Context, exc: BaseException) -> None:
 class ThreadDispatcher:
     """`workers` threads run `execute(ctx) -> bool` (True: done now; False: done later or abandoned)."""
 
+    # What a worker keeps in when a record cannot be finished: everything, even a handler's SystemExit
+    # (the record stays not done, the worker goes on).
+    _kept: type[BaseException] = BaseException
+
     def __init__(
         self, execute: Callable[[Context], bool], workers: int, abandon: threading.Event | None = None,
         name: str = "worker", after_take: Callable[[], None] | None = None,
@@ -183,7 +188,7 @@ class ThreadDispatcher:
                 raise
             sizer.record(perf_counter() - t0, handled)
 
-    def _handle(self, taken: Taken) -> int:
+    def _handle(self, taken: Sequence[tuple[Lane, Sequence[Context]]]) -> int:
         """Run a take's records in lane order; returns how many were run."""
         execute, abandoned = self._execute, self.abandon.is_set
         done: list[Context] = []
@@ -198,8 +203,7 @@ class ThreadDispatcher:
                         continue
                     try:
                         ok = execute(ctx)
-                    except BaseException as e:  # the executor's own failure, or a handler's
-                        # SystemExit/KeyboardInterrupt: the record stays not done, the worker and lane go on.
+                    except self._kept as e:  # the executor's own failure, or a handler's SystemExit
                         _log_unfinished(ctx, e)
                         continue
                     if ok:
@@ -220,6 +224,28 @@ class ThreadDispatcher:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+
+class InlineDispatcher(ThreadDispatcher):
+    """`inline = true`: each submitted record runs at once on the submitting (poll) thread, in fetch order.
+
+    No hand-off to worker threads. For a fast CPU-bound handler the hand-off costs more than the
+    handling, and threads cannot run it in parallel under the GIL anyway. Fetch order keeps key and
+    partition order. While a handler runs nothing polls, commits or serves a rebalance, as in a
+    hand-written consume loop; and a handler's KeyboardInterrupt or SystemExit ends `run()` rather
+    than being kept in as on a worker thread.
+    """
+
+    _kept = Exception
+
+    def __init__(
+        self, execute: Callable[[Context], bool], abandon: threading.Event | None = None,
+        after_take: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(execute, 0, abandon, "inline", after_take)
+
+    def submit(self, items: Sequence[Context]) -> None:
+        self._handle(((None, items),))
 
 
 class AsyncDispatcher:

@@ -20,14 +20,14 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from logferry.errors import SchemaError
+from logferry.errors import ConfigError, SchemaError
 from logferry.kafka import KafkaSettings, close_producer
 from logferry.log import LogOnce
 from logferry.metrics import CONSUMED, FILTERED, IN_FLIGHT, LAG, PAUSED_PARTITIONS, PROCESSED, REBALANCES
 from logferry.processors.commits import KafkaCommitter, OffsetCommitter
 from logferry.processors.config import ProcessorSection
 from logferry.processors.context import Context
-from logferry.processors.dispatch import AsyncDispatcher, ThreadDispatcher
+from logferry.processors.dispatch import AsyncDispatcher, InlineDispatcher, ThreadDispatcher
 from logferry.processors.failures import H_ATTEMPTS, H_DUE, Backoff, Executor, FailureRouter, header_str, retry_topic
 from logferry.processors.filtering import EntryFilter
 from logferry.processors.shaping import TP, CatchUp, PauseSet, TokenBucket, Watermarks
@@ -70,6 +70,8 @@ class Runtime:
         stop_event: threading.Event | None = None,
         committer: Callable[[Consumer], OffsetCommitter] | None = None,
     ) -> None:
+        if settings.inline and inspect.iscoroutinefunction(handler):
+            raise ConfigError("inline runs the handler on the poll thread: it takes a plain def, not async def")
         self.s = settings
         self.kafka = kafka
         self.group = settings.group
@@ -125,6 +127,8 @@ class Runtime:
             self.dispatcher: ThreadDispatcher | AsyncDispatcher = AsyncDispatcher(
                 self.executor.run_async, settings.concurrency, self.abandon, after_take=self.executor.push_metrics
             )
+        elif settings.inline:
+            self.dispatcher = InlineDispatcher(self.executor.run, self.abandon, after_take=self.executor.push_metrics)
         else:
             self.dispatcher = ThreadDispatcher(
                 self.executor.run, settings.concurrency, self.abandon, after_take=self.executor.push_metrics
