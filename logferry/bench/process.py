@@ -2,7 +2,8 @@
 
 Two comparisons on the same pre-filled topic (6 partitions, 1000 keys, Avro LogEntry):
 
-1. no-op handler: `Processor(ordering="key")` vs a raw `consume(500)` loop that decodes each
+1. no-op handler: `Processor(ordering="key")`, on 64 worker threads and `inline` on the poll
+   thread, vs a raw `consume(500)` loop that decodes each
    record with the same codec and calls the same no-op (the least a real consumer does);
    a loop that does not even decode is printed too, for scale.
 2. a 5 ms I/O-bound handler (time.sleep on threads, asyncio.sleep on the event loop) vs a
@@ -105,7 +106,9 @@ def _noop(entry: object, ctx: object) -> None:
     return None
 
 
-def _runtime(bootstrap: str, topic: str, n: int, kind: str, concurrency: int, profile: bool = False) -> dict[str, Any]:
+def _runtime(
+    bootstrap: str, topic: str, n: int, kind: str, concurrency: int, profile: bool = False, inline: bool = False
+) -> dict[str, Any]:
     from logferry.processors import Processor
 
     counter = itertools.count(1)
@@ -145,7 +148,7 @@ def _runtime(bootstrap: str, topic: str, n: int, kind: str, concurrency: int, pr
             finish()
 
     app = Processor(group=f"bench-rt-{uuid.uuid4().hex[:8]}", topics=[topic], bootstrap_servers=bootstrap,
-                    ordering="key", concurrency=concurrency)  # fmt: skip
+                    ordering="key", concurrency=concurrency, inline=inline)  # fmt: skip
     app.handler(handle)
     prof = cProfile.Profile() if profile else None
 
@@ -292,10 +295,12 @@ def measure(
     runs = {
         "raw": Run("raw consume(500) + decode + no-op", avg, noop),
         "runtime": Run("logferry Processor key-ordered, 64 threads", avg, noop),
+        "inline": Run("logferry Processor key-ordered, inline", avg, noop),
         "bare": Run("raw consume(500), no decode (scale only)", avg, noop),
     }
 
-    window_cpu: dict[str, list[float]] = {"raw": [], "runtime": []}  # CPU s per entry inside the timed window
+    # CPU s per entry inside the timed window
+    window_cpu: dict[str, list[float]] = {"raw": [], "runtime": [], "inline": []}
 
     def side(name: str, n: int, window: str | None = None, **args: Any) -> Callable[[], Sample]:
         def run() -> Sample:
@@ -309,6 +314,7 @@ def measure(
     sides = {
         "raw": side("raw", entries, "raw", decode=True),
         "runtime": side("runtime", entries, "runtime", kind="noop", concurrency=64),
+        "inline": side("runtime", entries, "inline", kind="noop", concurrency=64, inline=True),
         "bare": side("raw", entries, decode=False),
     }
     if consumer_perf:
@@ -332,19 +338,22 @@ def measure(
             args = {"bootstrap": bootstrap, "topic": topic, "n": entries, "kind": "noop", "concurrency": 64}
             report.extra["profile"] = _side("runtime", {**args, "profile": True})["profile"]
     report.runs = list(runs.values())
-    report.ratios.append(ratio("no-op: Processor / raw consume+decode", runs["runtime"], runs["raw"], 0.8))
-    report.ratios.append(ratio("no-op: Processor / raw consume, no decode", runs["runtime"], runs["bare"]))
+    report.ratios.append(ratio("no-op: Processor inline / raw consume+decode", runs["inline"], runs["raw"], 0.8))
+    report.ratios.append(ratio("no-op: Processor 64 threads / raw consume+decode", runs["runtime"], runs["raw"], 0.8))
+    report.ratios.append(ratio("no-op: Processor 64 threads / raw consume, no decode", runs["runtime"], runs["bare"]))
     if consumer_perf:
-        report.ratios.append(ratio("no-op: Processor / ConsumerPerformance", runs["runtime"], runs["cp"]))
+        report.ratios.append(ratio("no-op: Processor 64 threads / ConsumerPerformance", runs["runtime"], runs["cp"]))
     report.ratios.append(ratio("5 ms: Processor threads / sequential", runs["threads"], runs["seq"], 50))
     report.ratios.append(ratio("5 ms: Processor asyncio / sequential", runs["async"], runs["seq"], 50))
-    cpu_rt, cpu_raw = runs["runtime"].cpu_per_million(), runs["raw"].cpu_per_million()
-    if cpu_rt and cpu_raw:  # wall-clock ratios swing with other load on a shared machine; CPU per record less
-        in_window = statistics.median(window_cpu["runtime"]) / statistics.median(window_cpu["raw"])
-        report.notes.append(
-            f"no-op CPU per record: Processor / raw consume+decode = {in_window:.2f}x between first and last record"
-            f" handled ({cpu_rt / cpu_raw:.2f}x over the whole process, start-up included)"
-        )
+    cpu_raw = runs["raw"].cpu_per_million()
+    for name, label in (("inline", "Processor inline"), ("runtime", "Processor 64 threads")):
+        cpu_rt = runs[name].cpu_per_million()
+        if cpu_rt and cpu_raw:  # wall-clock ratios swing with other load on a shared machine; CPU per record less
+            in_window = statistics.median(window_cpu[name]) / statistics.median(window_cpu["raw"])
+            report.notes.append(
+                f"no-op CPU per record: {label} / raw consume+decode = {in_window:.2f}x between first and last"
+                f" record handled ({cpu_rt / cpu_raw:.2f}x over the whole process, start-up included)"
+            )
     report.notes.append("Each side is its own process; CPU s and RSS are that process's (JVM start-up included).")
     return report
 
