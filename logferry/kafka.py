@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from pydantic import Field, SecretStr, model_validator
 
@@ -131,7 +131,10 @@ def close_producer(producer: Producer, timeout: float) -> int:
     records were left undelivered. confluent-kafka's close() flushes without a time limit, so what
     is left is purged first (its delivery reports say _PURGE_QUEUE): closing never hangs on a
     Kafka that went away."""
-    left = producer.flush(timeout)
+    try:
+        left = producer.flush(timeout)
+    except KafkaException:  # a transactional producer in a fatal state (fenced) refuses even to flush
+        left = len(producer)
     if left:
         producer.purge()
     producer.close()

@@ -311,10 +311,12 @@ class ExactlyOnceRuntime(Runtime):
             self._retire(states)
 
     def _close(self) -> None:
-        super()._close()
-        if self._in_doubt is not None:
-            self._settle(wait=True)
-        close_producer(self.txn, 5)  # an open transaction is aborted: its input is handled again
+        try:
+            super()._close()
+            if self._in_doubt is not None:
+                self._settle(wait=True)
+        finally:  # a fenced member's last commit raises FencedError: the producer is closed all the same
+            close_producer(self.txn, 5)  # an open transaction is aborted: its input is handled again
 
 
 def _retriable(err: KafkaError) -> bool:

@@ -133,6 +133,8 @@ def test_a_retry_copy_commits_with_its_inputs_offset_so_a_re_handled_input_yield
     b, tb, by_b = start()
     ta.join(30)
     assert crashed and "fenced" in str(crashed[0]), crashed  # A never committed
+    with pytest.raises(RuntimeError, match="closed"):  # the fenced member still closed its transactional producer
+        a.runtime.txn.poll(0)
 
     def b_done() -> bool:
         hw = log_end(kafka_bootstrap, retry)[0]
