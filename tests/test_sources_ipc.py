@@ -6,6 +6,7 @@ conditions with deadlines and check exact counts, order and the counted outcomes
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import stat
@@ -176,6 +177,42 @@ def test_fifo_concurrent_writers_keep_whole_lines_and_stop_drains_the_pipe(tmp_p
     for w in range(4):  # each writer's lines arrive whole and in its order
         assert [f for f in frames if f.startswith(f"w{w} ".encode())] == lines(f"w{w}", per_writer)
     assert frames[-3:] == [b"pending 1", b"pending 2", b"no newline"]
+
+
+def _pipe_size(path: Path) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    finally:
+        os.close(fd)
+
+
+def test_fifo_raises_its_pipe_buffer_and_keeps_lines_whole_as_read_sizes_change(tmp_path: Path):
+    """Long lines make the source read up to 1 MiB at a time and short ones 64 KiB: every line
+    still arrives whole and in order across the changes, split between reads or not."""
+    path = tmp_path / "app.fifo"
+    source = FifoSource(unique("fifo"), str(path))
+    long_a = [f"long {i:04d} ".encode() + b"a" * 20_000 for i in range(200)]
+    short = lines("short", 20_000)
+    long_b = [f"long again {i:04d} ".encode() + b"b" * 9_000 for i in range(300)]
+    expected = long_a + short + long_b
+
+    with running(source) as out:
+        assert _pipe_size(path) == 1 << 20
+        with open(path, "wb") as f:  # ~9 MB: blocks until the source has read all but the last MiB
+            f.write(b"".join(line + b"\n" for line in expected))
+        out.wait_for(len(expected))
+    assert out.frames == expected
+
+
+def test_fifo_pipe_size_zero_leaves_the_kernel_default(tmp_path: Path):
+    path = tmp_path / "app.fifo"
+    r, w = os.pipe()
+    default = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+    os.close(r)
+    os.close(w)
+    with running(FifoSource(unique("fifo"), str(path), {"pipe_size": 0})):
+        assert _pipe_size(path) == default
 
 
 def test_fifo_long_line_is_cut_and_counted(tmp_path: Path):
