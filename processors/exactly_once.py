@@ -196,6 +196,19 @@ class ExactlyOnceRuntime(Runtime):
                 self._releasing.discard(st)
 
     # ---- the poll thread: one transaction per commit --------------------------------------
+    def held_results(self) -> int:
+        """Handled records whose results wait for a transaction (memory the member holds)."""
+        with self._results_lock:
+            return sum(map(len, self._results.values()))
+
+    def backlog(self) -> int:
+        # While transactions cannot commit (coordinator away, commit in doubt) results pile up
+        # here, not in flight: counted, so the partitions pause instead of memory growing.
+        return super().backlog() + self.held_results()
+
+    def commit_due(self) -> bool:
+        return self.held_results() >= self.s.max_in_flight  # a fast member commits more often than every interval
+
     def commit(self, states: list[PartitionState] | None = None, sync: bool = False) -> None:
         if self._in_doubt is not None and not self._settle(wait=sync):
             return  # the last commit's outcome is still unknown: no new transaction may start

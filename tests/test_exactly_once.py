@@ -338,6 +338,61 @@ def test_a_timed_out_commit_is_committed_again_never_aborted(kafka_bootstrap, ma
     assert len(read_all(kafka_bootstrap, out, "read_uncommitted")) == len(committed) == len(sent)
 
 
+def test_results_held_while_commits_cannot_happen_pause_the_member_then_commit_once_each(
+    kafka_bootstrap, make_topic, group_id, monkeypatch
+):
+    """With the transaction coordinator out of reach, handled records' results wait in memory for a
+    commit: they count toward max_in_flight, so the member pauses instead of reading the whole
+    backlog into memory; once commits work again each result is committed once."""
+    outage = threading.Event()
+    outage.set()
+    settle = ExactlyOnceRuntime._settle
+    # A commit in doubt for as long as the outage lasts (as if commit_transaction kept timing out).
+    monkeypatch.setattr(
+        ExactlyOnceRuntime, "_settle", lambda self, wait: False if outage.is_set() else settle(self, wait)
+    )
+    src, out = make_topic(partitions=2), make_topic(partitions=2, prefix="out")
+    sent = produce(kafka_bootstrap, src, 6000, keys=8)
+    max_in_flight = 100
+    app = Processor(group_id, [src], bootstrap_servers=kafka_bootstrap, exactly_once=True, output_topic=out,
+                    member_id=uuid.uuid4().hex[:8], live_replay=False, max_in_flight=max_in_flight,
+                    batch_size=20, inline=True)  # fmt: skip
+    handled = [0]
+
+    @app.handler
+    def handle(entry, ctx):
+        handled[0] += 1
+        return f"{ctx.partition} {ctx.offset} {ctx.key.decode()} {entry['attributes']['seq']}"
+
+    with Running(app):
+        wait_for(lambda: "backlog" in app.runtime.pauses.global_reasons, 30, "the member to pause on held results")
+        at_pause = handled[0]
+        outage.clear()
+        wait_for(lambda: committed_total(kafka_bootstrap, group_id, src, 2) == len(sent), 60, "every input committed")
+    # Inline, no record is in flight between polls: the pause came from the held results, near the
+    # bound (a fetch in progress may add a batch per partition), not with the backlog in memory.
+    assert at_pause <= max_in_flight + 2 * 20, at_pause
+    assert_each_result_once(kafka_bootstrap, out, sent)
+
+
+def test_held_results_reaching_max_in_flight_commit_before_the_interval(kafka_bootstrap, make_topic, group_id):
+    """Counted toward max_in_flight, held results would pause a fast member until the next
+    commit_interval: reaching the bound commits them at once instead."""
+    src, out = make_topic(partitions=2), make_topic(partitions=2, prefix="out")
+    sent = produce(kafka_bootstrap, src, 3000, keys=8)
+    app = Processor(group_id, [src], bootstrap_servers=kafka_bootstrap, exactly_once=True, output_topic=out,
+                    member_id=uuid.uuid4().hex[:8], live_replay=False, max_in_flight=200,
+                    commit_interval=600)  # fmt: skip
+
+    @app.handler
+    def handle(entry, ctx):
+        return f"{ctx.partition} {ctx.offset} {ctx.key.decode()} {entry['attributes']['seq']}"
+
+    with Running(app):  # every input committed long before the first interval is up
+        wait_for(lambda: committed_total(kafka_bootstrap, group_id, src, 2) == len(sent), 60, "every input committed")
+    assert_each_result_once(kafka_bootstrap, out, sent)
+
+
 def test_repeated_seeks_retain_no_old_partition_state(kafka_bootstrap, make_topic, group_id) -> None:
     """Every seek retires a partition state; late results of its running work are dropped, and the
     states themselves must not pile up in the exactly-once bookkeeping (memory bounded by assignment)."""
