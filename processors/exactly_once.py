@@ -40,7 +40,7 @@ from logferry.processors.config import ProcessorSection
 from logferry.processors.context import Context
 from logferry.processors.failures import Divert
 from logferry.processors.runtime import Runtime
-from logferry.processors.tracking import PartitionState, complete
+from logferry.processors.tracking import PartitionState, complete_diverted
 from logferry.schemas import Codec
 
 log = logging.getLogger("logferry.processors.exactly_once")
@@ -186,8 +186,7 @@ class ExactlyOnceRuntime(Runtime):
             return
         self._keep(d.ctx, [copy], d.target)  # type: ignore[list-item]
         RETRIED.labels(self.group, d.original).inc()
-        d.ctx._state.diverted += 1
-        complete([d.ctx])
+        complete_diverted(d.ctx)
 
     def _retire(self, states: list[PartitionState]) -> None:
         with self._results_lock:

@@ -35,7 +35,7 @@ from logferry.metrics import (
 )
 from logferry.processors.context import Context
 from logferry.processors.shaping import TP, PauseSet
-from logferry.processors.tracking import complete
+from logferry.processors.tracking import complete_diverted
 
 log = logging.getLogger("logferry.processors.failures")
 once = LogOnce(log)
@@ -192,8 +192,7 @@ class FailureRouter:
             log.info("%s written to %s after %d failed send(s); its partition commits again", d.ctx, d.target,
                      d.failures)  # fmt: skip
             self._unstall(d)
-        d.ctx._state.diverted += 1  # delivery callbacks run on the poll thread, the only writer
-        complete([d.ctx])
+        complete_diverted(d.ctx)
 
     def _failed(self, d: Divert, err: KafkaError) -> None:
         d.failures += 1

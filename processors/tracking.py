@@ -105,6 +105,15 @@ def complete(items: Iterable[Context]) -> None:
     count_completed(items)
 
 
+def complete_diverted(ctx: Context) -> None:
+    """Mark a record done by its dead-letter or retry-topic copy; any thread (the poll thread's
+    delivery callbacks, an exactly-once worker), so its count is kept under the lock too."""
+    ctx._done = True
+    with _count_lock:
+        ctx._state.diverted += 1
+        ctx._state.completed += 1
+
+
 def count_completed(items: Iterable[Context]) -> None:
     """Count records already marked done. Workers flip `ctx._done` as each record finishes (so the
     commit point moves at once) and count a lane's worth here, under one lock acquisition."""
