@@ -81,6 +81,21 @@ def log_end(bootstrap: str, topic: str, partitions: int = 1) -> list[int]:
         c.close()
 
 
+def run_in_thread(app: Processor) -> tuple[threading.Thread, list[BaseException]]:
+    """Start `app.run()` on a daemon thread; the list receives what run() raised, if anything."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run(install_signals=False)
+        except BaseException as e:
+            raised.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, raised
+
+
 class Running:
     """`with Running(app) as app:` runs a Processor on a thread until the block ends."""
 

@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 from confluent_kafka import TopicPartition
-from processor_support import committed, log_end, read_topic, wait_for
+from processor_support import committed, log_end, read_topic, run_in_thread, wait_for
 from test_exactly_once import produce, read_all
 
 from logferry.processors import Output, Processor
@@ -29,16 +29,7 @@ def run_until_all_committed(bootstrap: str, src: str, out: str, group: str, hand
     app = Processor(group, [src], bootstrap_servers=bootstrap, exactly_once=True, output_topic=out,
                     member_id=uuid.uuid4().hex[:8], commit_interval=0.05, live_replay=False, retries=0)  # fmt: skip
     app.handler(handler)
-    crashed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            app.run(install_signals=False)
-        except BaseException as e:  # the member must not die on a bad result
-            crashed.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, crashed = run_in_thread(app)  # the member must not die on a bad result
     try:
         wait_for(lambda: sum(committed(bootstrap, group, src)) == n or bool(crashed), 30, "every input committed")
     finally:
@@ -99,9 +90,8 @@ def test_a_retry_copy_commits_with_its_inputs_offset_so_a_re_handled_input_yield
     retry = f"{src}.retry.300ms"
     failed_once = threading.Event()
     member = uuid.uuid4().hex[:8]
-    crashed: list[BaseException] = []
 
-    def start() -> tuple[Processor, threading.Thread, set[tuple[str, int]]]:
+    def start() -> tuple[Processor, threading.Thread, list[BaseException], set[tuple[str, int]]]:
         app = Processor(group_id, [src], bootstrap_servers=kafka_bootstrap, exactly_once=True, output_topic=out,
                         member_id=member, commit_interval=30, live_replay=False, retries=0,
                         retry_delays=[0.3])  # fmt: skip
@@ -115,24 +105,17 @@ def test_a_retry_copy_commits_with_its_inputs_offset_so_a_re_handled_input_yield
             handled.add((ctx.topic, ctx.offset))
             return f"{ctx.key.decode()} {entry['attributes']['seq']}"
 
-        def run() -> None:
-            try:
-                app.run(install_signals=False)
-            except BaseException as e:
-                crashed.append(e)
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
+        t, raised = run_in_thread(app)
         assert app.wait_assigned(30)
-        return app, t, handled
+        return app, t, raised, handled
 
     every_input = {(src, i) for i in range(len(sent))}
-    a, ta, by_a = start()
+    a, ta, a_raised, by_a = start()
     # Every input handled or diverted (the retry copy sent), none committed (commit_interval=30).
     wait_for(lambda: len(by_a & every_input) == 5 and a.runtime.in_flight() == 0, 30, "A's work")
-    b, tb, by_b = start()
+    b, tb, b_raised, by_b = start()
     ta.join(30)
-    assert crashed and "fenced" in str(crashed[0]), crashed  # A never committed
+    assert a_raised and "fenced" in str(a_raised[0]), a_raised  # A never committed
     with pytest.raises(RuntimeError, match="closed"):  # the fenced member still closed its transactional producer
         a.runtime.txn.poll(0)
 
@@ -144,6 +127,6 @@ def test_a_retry_copy_commits_with_its_inputs_offset_so_a_re_handled_input_yield
     wait_for(b_done, 30, "B handled every input and every visible retry copy")
     b.stop()
     tb.join(30)
-    assert len(crashed) == 1, crashed
+    assert not b_raised, b_raised
     results = Counter(v for _, v in read_all(kafka_bootstrap, out, "read_committed"))
     assert results == Counter(f"{k} {s}" for k, s in sent)

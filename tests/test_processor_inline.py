@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from processor_support import Running, committed, entry, log_end, produce, read_topic, run_in_thread, wait_for
 
 from logferry.errors import ConfigError
 from logferry.processors import Processor
-from tests.processor_support import Running, committed, entry, log_end, produce, read_topic, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -72,16 +72,7 @@ def test_inline_handler_system_exit_ends_run_and_its_record_stays_uncommitted(ka
             raise SystemExit("the handler asked the process to exit")
         offsets.append(ctx.offset)
 
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            app.run(install_signals=False)
-        except BaseException as e:
-            raised.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, raised = run_in_thread(app)
     t.join(30)
     if t.is_alive():  # kept in like on a worker thread: stop it, then fail
         app.stop()
