@@ -195,22 +195,16 @@ class ExactlyOnceRuntime(Runtime):
                 self._releasing.discard(st)
 
     # ---- the poll thread: one transaction per commit --------------------------------------
-    def held_results(self) -> int:
-        """Handled records whose results wait for a transaction (memory the member holds)."""
-        with self._results_lock:
-            return sum(map(len, self._results.values()))
-
-    def backlog(self) -> int:
-        # While transactions cannot commit (coordinator away, commit in doubt) results pile up
-        # here, not in flight: counted, so the partitions pause instead of memory growing.
-        return super().backlog() + self.held_results()
-
-    def commit_due(self) -> bool:
-        return self.held_results() >= self.s.max_in_flight  # a fast member commits more often than every interval
-
     def commit(self, states: list[PartitionState] | None = None, sync: bool = False) -> None:
+        # Handled records' results wait in memory for a transaction. While none can commit (in
+        # doubt, or aborted: coordinator away, output refused) the member fetches nothing new, so
+        # they do not pile up; the next commit that goes through resumes it.
+        self.pauses.set_global("transaction", not self._commit(states, sync))
+
+    def _commit(self, states: list[PartitionState] | None, sync: bool) -> bool:
+        """True when the transaction committed, or there was nothing to commit."""
         if self._in_doubt is not None and not self._settle(wait=sync):
-            return  # the last commit's outcome is still unknown: no new transaction may start
+            return False  # still in doubt (no new transaction may start), or aborted: offered again next tick
         moved: list[tuple[PartitionState, int]] = []
         records: list[tuple[str, Record]] = []
         with self._results_lock:
@@ -224,12 +218,12 @@ class ExactlyOnceRuntime(Runtime):
                     topic, rs = done[off]  # type: ignore[index]
                     records += [(topic, r) for r in rs]
         if not moved:
-            return
+            return True
         offsets = [TopicPartition(st.topic, st.partition, c) for st, c in moved]
         if not self._open(records, offsets):
-            return  # aborted: the same prefix is offered again on the next tick (if still ours)
+            return False  # aborted: the same prefix is offered again on the next tick (if still ours)
         self._in_doubt = moved
-        self._settle(wait=sync)
+        return self._settle(wait=sync)
 
     def _open(self, records: list[tuple[str, Record]], offsets: list[TopicPartition]) -> bool:
         """Begin a transaction with the results and the offsets; False when it had to be aborted."""
@@ -256,7 +250,7 @@ class ExactlyOnceRuntime(Runtime):
             return False
 
     def _settle(self, wait: bool) -> bool:
-        """Commit the open transaction; True once it is resolved (committed, or aborted to be redone).
+        """Commit the open transaction; True once it committed (False: aborted to be redone, or in doubt).
 
         A retriable failure (e.g. the call timed out) leaves it in doubt: it may have committed, so
         it is never aborted then; commit_transaction is called again (idempotent), now while `wait`
@@ -273,7 +267,7 @@ class ExactlyOnceRuntime(Runtime):
                 if not _retriable(err):
                     self._in_doubt = None
                     self._abort(err, None)
-                    return True
+                    return False
                 TXN_COMMIT_RETRIES.labels(self.group).inc()
                 once.warning(f"txn-commit:{err.name()}", "exactly-once: commit in doubt (%s); committing it "
                              "again before anything new", err.str())  # fmt: skip

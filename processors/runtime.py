@@ -183,14 +183,6 @@ class Runtime:
     def in_flight(self) -> int:
         return sum(st.in_flight for st in self.states.values())
 
-    def backlog(self) -> int:
-        """What `max_in_flight` bounds: records admitted and not done (exactly-once adds held results)."""
-        return self.in_flight()
-
-    def commit_due(self) -> bool:
-        """Commit before `commit_interval` is up (exactly-once: when its held results reach max_in_flight)."""
-        return False
-
     def assignment(self) -> list[TP]:
         return sorted(self.states)
 
@@ -228,7 +220,7 @@ class Runtime:
             while not self.stop_event.is_set():
                 self._step()
                 now = time.monotonic()
-                if now >= next_commit or self.commit_due():
+                if now >= next_commit:
                     self.commit(sync=False)
                     next_commit = now + self.s.commit_interval
                 if now >= next_lag:
@@ -276,7 +268,7 @@ class Runtime:
         if self.low_topics:
             self._prioritise()
         in_flight = self.in_flight()
-        self.pauses.set_global("backlog", self.watermarks.update(self.backlog()))
+        self.pauses.set_global("backlog", self.watermarks.update(in_flight))
         self.pauses.apply(self.states)
         for st in self.states.values():
             st.trim()
