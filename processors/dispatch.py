@@ -5,7 +5,7 @@ A lane is the ordering unit: the record key (`ordering="key"`), the partition
 shared by the thread dispatcher (blocking handlers) and the asyncio one (`async def`):
 a lane is either absent, waiting in the ready queue, or held by exactly one worker, who
 takes all its queued records at once and hands the lane back when done. The inline
-dispatcher (`inline = true`) needs none of it: it runs records on the poll thread in fetch order.
+dispatcher (`inline = true`) needs none of it: the poll thread runs records in fetch order.
 
 Under the GIL, waking a thread per ready lane makes fast handlers pay more in thread
 hand-offs than in handling. So a worker takes about `SLICE` seconds of work at a time,
@@ -130,10 +130,6 @@ def _log_unfinished(ctx: Context, exc: BaseException) -> None:
 class ThreadDispatcher:
     """`workers` threads run `execute(ctx) -> bool` (True: done now; False: done later or abandoned)."""
 
-    # What a worker keeps in when a record cannot be finished: everything, even a handler's SystemExit
-    # (the record stays not done, the worker goes on).
-    _kept: type[BaseException] = BaseException
-
     def __init__(
         self, execute: Callable[[Context], bool], workers: int, abandon: threading.Event | None = None,
         name: str = "worker", after_take: Callable[[], None] | None = None,
@@ -188,7 +184,7 @@ class ThreadDispatcher:
                 raise
             sizer.record(perf_counter() - t0, handled)
 
-    def _handle(self, taken: Sequence[tuple[Lane, Sequence[Context]]]) -> int:
+    def _handle(self, taken: Taken) -> int:
         """Run a take's records in lane order; returns how many were run."""
         execute, abandoned = self._execute, self.abandon.is_set
         done: list[Context] = []
@@ -203,7 +199,8 @@ class ThreadDispatcher:
                         continue
                     try:
                         ok = execute(ctx)
-                    except self._kept as e:  # the executor's own failure, or a handler's SystemExit
+                    except BaseException as e:  # the executor's own failure, or a handler's
+                        # SystemExit/KeyboardInterrupt: the record stays not done, the worker and lane go on.
                         _log_unfinished(ctx, e)
                         continue
                     if ok:
@@ -226,26 +223,65 @@ class ThreadDispatcher:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-class InlineDispatcher(ThreadDispatcher):
-    """`inline = true`: each submitted record runs at once on the submitting (poll) thread, in fetch order.
+class InlineDispatcher:
+    """`inline = true`: the poll thread itself runs submitted records, in fetch order, between polls.
 
     No hand-off to worker threads. For a fast CPU-bound handler the hand-off costs more than the
     handling, and threads cannot run it in parallel under the GIL anyway. Fetch order keeps key and
-    partition order. While a handler runs nothing polls, commits or serves a rebalance, as in a
-    hand-written consume loop; and a handler's KeyboardInterrupt or SystemExit ends `run()` rather
-    than being kept in as on a worker thread.
+    partition order. The poll loop calls `run_waiting` once per poll: it runs waiting records for
+    about `SLICE_INLINE` seconds, so slow or failing (retrying) handlers still let the loop poll,
+    commit, serve rebalances and notice a stop; what waits counts as in flight (max_in_flight
+    pauses fetching). A handler's KeyboardInterrupt or SystemExit ends `run()`, unlike on a worker.
     """
 
-    _kept = Exception
+    SLICE_INLINE = 0.1  # seconds of handling between two polls
 
     def __init__(
         self, execute: Callable[[Context], bool], abandon: threading.Event | None = None,
         after_take: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(execute, 0, abandon, "inline", after_take)
+        self._execute = execute
+        self._after_take = after_take
+        self.abandon = abandon or threading.Event()
+        self._waiting: deque[Context] = deque()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        pass
 
     def submit(self, items: Sequence[Context]) -> None:
-        self._handle(((None, items),))
+        self._waiting.extend(items)
+
+    def run_waiting(self) -> None:
+        """Poll thread: run waiting records until none is left or the slice is used up."""
+        waiting, execute, abandoned = self._waiting, self._execute, self.abandon.is_set
+        if not waiting:
+            return
+        done: list[Context] = []
+        deadline = perf_counter() + self.SLICE_INLINE
+        try:
+            while waiting and not abandoned():
+                ctx = waiting.popleft()
+                if ctx._state.closed:  # revoked or seeked away since it was fetched
+                    continue
+                ctx._started = True
+                try:
+                    ok = execute(ctx)
+                except Exception as e:  # the executor's own failure: the record stays not done
+                    _log_unfinished(ctx, e)
+                    continue
+                if ok:
+                    ctx._done = True
+                    done.append(ctx)
+                if perf_counter() >= deadline:
+                    break
+        finally:
+            if done:
+                count_completed(done)
+            if self._after_take is not None:
+                self._after_take()
 
 
 class AsyncDispatcher:

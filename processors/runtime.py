@@ -124,7 +124,7 @@ class Runtime:
         self.abandon = threading.Event()
         self.executor = Executor(handler, self.group, settings.retries, backoff, self.router, self.abandon)
         if inspect.iscoroutinefunction(handler):
-            self.dispatcher: ThreadDispatcher | AsyncDispatcher = AsyncDispatcher(
+            self.dispatcher: ThreadDispatcher | AsyncDispatcher | InlineDispatcher = AsyncDispatcher(
                 self.executor.run_async, settings.concurrency, self.abandon, after_take=self.executor.push_metrics
             )
         elif settings.inline:
@@ -133,6 +133,8 @@ class Runtime:
             self.dispatcher = ThreadDispatcher(
                 self.executor.run, settings.concurrency, self.abandon, after_take=self.executor.push_metrics
             )
+        # Inline: the poll loop runs the waiting records itself, a slice per poll.
+        self._run_waiting = self.dispatcher.run_waiting if isinstance(self.dispatcher, InlineDispatcher) else None
 
         self.states: dict[TP, PartitionState] = {}
         self.pauses = PauseSet(self.consumer)
@@ -257,6 +259,8 @@ class Runtime:
             granted = self.bucket.take(len(self.held))
             if granted:
                 self._admit([self.held.popleft() for _ in range(granted)])
+        if self._run_waiting is not None:
+            self._run_waiting()
         # Keep fetching while less than a batch waits for tokens, so the flow never stalls on a
         # fetch round trip; past that, pause so the backlog stays in Kafka.
         self.pauses.set_global("rate", len(self.held) >= self.s.batch_size)
@@ -497,6 +501,8 @@ class Runtime:
         deadline = time.monotonic() + self.s.shutdown_grace
         next_commit = time.monotonic() + self.s.commit_interval
         while self.in_flight() and time.monotonic() < deadline:
+            if self._run_waiting is not None:
+                self._run_waiting()
             self.consumer.consume(self.s.batch_size, 0.02)  # callbacks only: nothing new is admitted
             self.producer.poll(0)
             if time.monotonic() >= next_commit:

@@ -8,6 +8,7 @@ being kept in.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from processor_support import Running, committed, entry, log_end, produce, read_
 
 from logferry.errors import ConfigError
 from logferry.processors import Processor
+from logferry.processors.runtime import Hooks
 
 pytestmark = pytest.mark.kafka
 
@@ -80,6 +82,37 @@ def test_inline_handler_system_exit_ends_run_and_its_record_stays_uncommitted(ka
     assert [type(e) for e in raised] == [SystemExit]
     assert offsets == list(range(10))
     assert committed(kafka_bootstrap, group_id, topic)[0] <= 10  # never past the record that did not finish
+
+
+def test_inline_with_a_failing_dependency_still_polls_and_stops_within_the_grace(kafka_bootstrap, make_topic, group_id):
+    """Every record fails and retries in place (0.4 s each): inline, a fetched batch of 100 would hold
+    the poll thread 40 s. Run a slice per poll, the loop keeps polling (the on_poll hook keeps coming)
+    and a stop ends within shutdown_grace plus a record."""
+    topic = make_topic(partitions=1)
+    produce(kafka_bootstrap, topic, [(b"k", entry(i)) for i in range(100)])
+    polls: list[float] = []
+    app = Processor(group=group_id, topics=[topic], bootstrap_servers=kafka_bootstrap, inline=True, retries=2,
+                    backoff_initial=0.2, backoff_max=0.2, shutdown_grace=1.0, batch_size=100,
+                    hooks=Hooks(on_poll=lambda _rt: polls.append(time.monotonic())))  # fmt: skip
+    failures = threading.Semaphore(0)
+
+    @app.handler
+    def handle(e, ctx):
+        failures.release()
+        raise ConnectionError("the database is down")
+
+    t, raised = run_in_thread(app)
+    for _ in range(6):  # two records' worth of attempts, about 0.8 s
+        assert failures.acquire(timeout=30)
+    polled_at = len(polls)
+    for _ in range(6):
+        assert failures.acquire(timeout=30)
+    assert len(polls) > polled_at  # the loop polled between records of one fetched batch
+    stopping = time.monotonic()
+    app.stop()
+    t.join(30)
+    assert not t.is_alive() and not raised
+    assert time.monotonic() - stopping < 1.0 + 0.4 + 5  # grace + the record running + leaving the group
 
 
 def _librdkafka_threads() -> int:
