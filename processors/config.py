@@ -37,7 +37,7 @@ class ProcessorSection(StrictModel):
     ordering: Literal["key", "partition", "unordered"] = "key"
     concurrency: int = Field(64, ge=1, le=4096)
     # Run a plain (not async) handler on the poll thread itself, no worker threads (`concurrency` unused):
-    # cheapest for fast CPU-bound handlers; a slow one holds up polling like a hand-written loop.
+    # cheapest for fast CPU-bound handlers; each call holds up polling while it runs.
     inline: bool = False
     # Backlog inside the process: pause every partition at `max_in_flight`, resume at `resume_at`.
     max_in_flight: int = Field(2_000, ge=1)

@@ -367,7 +367,7 @@ def test_a_member_whose_transactions_cannot_commit_fetches_nothing_new_until_one
     with Running(app):
         wait_for(lambda: "transaction" in app.runtime.pauses.global_reasons, 30, "the member to pause")
         at_pause = handled[0]
-        threading.Event().wait(1.0)  # a measured window: unpaused, the member reads all 6000 in it
+        threading.Event().wait(1.0)  # a measured window in which an unpaused member reads on
         during = handled[0]
         outage.clear()
         wait_for(lambda: committed_total(kafka_bootstrap, group_id, src, 2) == len(sent), 60, "every input committed")
