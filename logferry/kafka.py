@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,6 +136,11 @@ def close_producer(producer: Producer, timeout: float) -> int:
         left = producer.flush(timeout)
     except KafkaException:  # a transactional producer in a fatal state (fenced) refuses even to flush
         left = len(producer)
+        with warnings.catch_warnings():  # and close() warns that it cannot abort: the caller reports the fence
+            warnings.simplefilter("ignore", RuntimeWarning)
+            producer.purge()
+            producer.close()
+        return left
     if left:
         producer.purge()
     producer.close()
