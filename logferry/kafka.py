@@ -132,16 +132,15 @@ def close_producer(producer: Producer, timeout: float) -> int:
     records were left undelivered. confluent-kafka's close() flushes without a time limit, so what
     is left is purged first (its delivery reports say _PURGE_QUEUE): closing never hangs on a
     Kafka that went away."""
+    fenced = False
     try:
         left = producer.flush(timeout)
     except KafkaException:  # a transactional producer in a fatal state (fenced) refuses even to flush
-        left = len(producer)
-        with warnings.catch_warnings():  # and close() warns that it cannot abort: the caller reports the fence
+        left, fenced = len(producer), True
+    with warnings.catch_warnings():
+        if fenced:  # close() then warns that it cannot abort: the caller reports the fence itself
             warnings.simplefilter("ignore", RuntimeWarning)
+        if left:
             producer.purge()
-            producer.close()
-        return left
-    if left:
-        producer.purge()
-    producer.close()
+        producer.close()
     return left
