@@ -50,7 +50,7 @@ class EntryEncoder:
     def __init__(self) -> None:
         self._strings: dict[str, bytes] = {}
         self._optional: dict[str | None, bytes] = {None: b"\x00"}
-        self._last_time = (-1, b"")
+        self._last_time: tuple[int | None, bytes] = (None, b"")
 
     def _cached(self, s: str) -> bytes:
         b = self._strings.get(s)

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from logferry.collectors.config import ParserSettings
@@ -112,6 +112,8 @@ def test_logfmt_round_trips_quoted_values(pairs):
         }
     )
 )
+@example(entry={"timestamp": -5, "received_at": -1, "host": "", "source": "", "service": None, "level": None,
+                "message": "", "attributes": {}, "parse_error": None, "raw": None})  # fmt: skip
 def test_fast_encoder_writes_the_codec_bytes(entry):
     assert EntryEncoder()(entry) == default_codec().encode(entry)
 
