@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -19,6 +19,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from logferry.errors import SchemaError
+from logferry.schemas.decode import FIELDS, EntryDecoder
 
 CONTENT_TYPE = "application/vnd.logferry.log-entry+avro"
 CONTENT_TYPE_HEADER = "content-type"
@@ -43,10 +44,13 @@ class Codec:
             (CONTENT_TYPE_HEADER, CONTENT_TYPE.encode()),
             (FINGERPRINT_HEADER, self.fingerprint.encode()),
         ]
-        self._writers: dict[str, Any] = {self.fingerprint: self.schema}
+        own = self._decode_with(self.schema)
+        if tuple(f["name"] for f in schema["fields"]) == FIELDS and schema == schema_json():
+            own = EntryDecoder(own)  # bodies our own schema wrote: the specialised decoder
+        self._decoders: dict[str, Callable[[bytes], LogEntry]] = {self.fingerprint: own}
         for s in known:
             parsed = parse_schema(s)
-            self._writers[schema_fingerprint(parsed)] = parsed
+            self._decoders.setdefault(schema_fingerprint(parsed), self._decode_with(parsed))
 
     def encode(self, entry: LogEntry) -> bytes:
         buf = io.BytesIO()
@@ -57,16 +61,22 @@ class Codec:
         return buf.getvalue()
 
     def decode(self, value: bytes, headers: Headers = None) -> LogEntry:
-        writer = self.schema
+        if headers == self.headers:  # what this codec writes, nearly every record: no header search
+            return self._decoders[self.fingerprint](value)
         fp = header(headers, FINGERPRINT_HEADER)
-        if fp is not None:
-            writer = self._writers.get(fp)
-            if writer is None:
-                raise SchemaError(f"unknown writer schema fingerprint {fp}")
-        try:
-            return schemaless_reader(io.BytesIO(value), writer, self.schema)  # type: ignore[return-value]
-        except Exception as e:  # fastavro raises many types on corrupt input
-            raise SchemaError(f"value is not a LogEntry in Avro ({type(e).__name__}: {e})") from None
+        decode = self._decoders.get(self.fingerprint if fp is None else fp)
+        if decode is None:
+            raise SchemaError(f"unknown writer schema fingerprint {fp}")
+        return decode(value)
+
+    def _decode_with(self, writer: Any) -> Callable[[bytes], LogEntry]:
+        def decode(value: bytes) -> LogEntry:
+            try:
+                return schemaless_reader(io.BytesIO(value), writer, self.schema)  # type: ignore[return-value]
+            except Exception as e:  # fastavro raises many types on corrupt input
+                raise SchemaError(f"value is not a LogEntry in Avro ({type(e).__name__}: {e})") from None
+
+        return decode
 
 
 def schema_fingerprint(parsed: Any) -> str:
