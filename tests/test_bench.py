@@ -89,8 +89,9 @@ def test_process_runtime_beside_raw_loop_consumer_performance_and_sequential(
     args = ["--entries", "1000", "--io-entries", "300", "--sequential-entries", "20", "--concurrency", "32"]
     report = run_suite(tmp_path, "process", "-b", kafka_bootstrap, *args)
     measured = names(report)
-    for name in ("raw consume(500) + decode + no-op", "logferry Processor key-ordered, 64 threads",
-                 "logferry Processor key-ordered, inline", "sequential consumer"):  # fmt: skip
+    for name in ("raw consume(500) + decode + no-op", "raw consume(500) + fastavro decode + no-op",
+                 "logferry Processor key-ordered, 64 threads", "logferry Processor key-ordered, inline",
+                 "sequential consumer"):  # fmt: skip
         assert name in measured
     assert any(n.startswith("Kafka ConsumerPerformance") for n in measured)
     ratios = {r["name"]: r for r in report["ratios"]}

@@ -5,7 +5,8 @@ Two comparisons on the same pre-filled topic (6 partitions, 1000 keys, Avro LogE
 1. no-op handler: `Processor(ordering="key")`, on 64 worker threads and `inline` on the poll
    thread, vs a raw `consume(500)` loop that decodes each
    record with the same codec and calls the same no-op (the least a real consumer does);
-   a loop that does not even decode is printed too, for scale.
+   the same loop decoding with plain fastavro (as one written without logferry would) and a
+   loop that does not even decode are printed too, for scale.
 2. a 5 ms I/O-bound handler (time.sleep on threads, asyncio.sleep on the event loop) vs a
    sequential consumer calling the same handler one record at a time.
 
@@ -70,10 +71,15 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _raw(bootstrap: str, topic: str, n: int, decode: bool, sleep: float = 0.0) -> dict[str, Any]:
+def _raw(bootstrap: str, topic: str, n: int, decode: str | None, sleep: float = 0.0) -> dict[str, Any]:
+    """decode: "logferry" (the codec the Processor uses), "fastavro" (schemaless_reader, as a loop written
+    without logferry would) or None."""
+    from fastavro import schemaless_reader
+
     from logferry.schemas import default_codec
 
     codec = default_codec()
+    schema = codec.schema
     c = Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}",
         "auto.offset.reset": "earliest", "enable.auto.commit": False,
@@ -89,9 +95,10 @@ def _raw(bootstrap: str, topic: str, n: int, decode: bool, sleep: float = 0.0) -
                 continue
             v = m.value()
             nbytes += len(v)
-            if decode:
-                entry = codec.decode(v, m.headers())
-                _noop(entry, m)
+            if decode == "logferry":
+                _noop(codec.decode(v, m.headers()), m)
+            elif decode == "fastavro":
+                _noop(schemaless_reader(io.BytesIO(v), schema, schema), m)
             if sleep:
                 time.sleep(sleep)
             seen += 1
@@ -294,6 +301,7 @@ def measure(
     noop = "no-op handler"
     runs = {
         "raw": Run("raw consume(500) + decode + no-op", avg, noop),
+        "fastavro": Run("raw consume(500) + fastavro decode + no-op", avg, noop),
         "runtime": Run("logferry Processor key-ordered, 64 threads", avg, noop),
         "inline": Run("logferry Processor key-ordered, inline", avg, noop),
         "bare": Run("raw consume(500), no decode (scale only)", avg, noop),
@@ -312,10 +320,11 @@ def measure(
         return run
 
     sides = {
-        "raw": side("raw", entries, "raw", decode=True),
+        "raw": side("raw", entries, "raw", decode="logferry"),
+        "fastavro": side("raw", entries, decode="fastavro"),
         "runtime": side("runtime", entries, "runtime", kind="noop", concurrency=64),
         "inline": side("runtime", entries, "inline", kind="noop", concurrency=64, inline=True),
-        "bare": side("raw", entries, decode=False),
+        "bare": side("raw", entries, decode=None),
     }
     if consumer_perf:
         runs["cp"] = Run(f"Kafka ConsumerPerformance {kafka_version}", avg, noop)
@@ -327,7 +336,7 @@ def measure(
         "async": Run(f"logferry Processor, asyncio.sleep, {concurrency * 2} tasks", avg, io),
     }
     sides |= {
-        "seq": side("raw", seq_entries, decode=True, sleep=0.005),
+        "seq": side("raw", seq_entries, decode="logferry", sleep=0.005),
         "threads": side("runtime", io_entries, kind="sleep", concurrency=concurrency),
         "async": side("runtime", io_entries, kind="async", concurrency=concurrency * 2),
     }
@@ -340,6 +349,7 @@ def measure(
     report.runs = list(runs.values())
     report.ratios.append(ratio("no-op: Processor inline / raw consume+decode", runs["inline"], runs["raw"], 0.8))
     report.ratios.append(ratio("no-op: Processor 64 threads / raw consume+decode", runs["runtime"], runs["raw"], 0.8))
+    report.ratios.append(ratio("no-op: Processor inline / raw consume+fastavro", runs["inline"], runs["fastavro"]))
     report.ratios.append(ratio("no-op: Processor 64 threads / raw consume, no decode", runs["runtime"], runs["bare"]))
     if consumer_perf:
         report.ratios.append(ratio("no-op: Processor 64 threads / ConsumerPerformance", runs["runtime"], runs["cp"]))
