@@ -5,19 +5,18 @@ fixed schema hundreds of thousands of times a second, with the same host, source
 service and level strings over and over. This encoder writes the same bytes (the tests
 compare it with `default_codec().encode` on generated entries) while caching the
 encoding of repeated strings and of the batch's receive time. If the schema file ever
-gains a field this encoder does not know, `make_encoder` falls back to the codec.
+changes (its fingerprint is no longer WRITTEN_FOR), `make_encoder` falls back to the codec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from logferry.schemas import LogEntry, default_codec, schema_json
+from logferry.schemas import LogEntry, default_codec
+from logferry.schemas.decode import WRITTEN_FOR
 
 Encoder = Callable[[LogEntry], bytes]
 
-FIELDS = ("timestamp", "received_at", "host", "source", "service", "level", "message", "attributes",
-          "parse_error", "raw")  # fmt: skip
 _SMALL = [bytes([n]) for n in range(128)]
 _CACHE_LIMIT = 4096
 
@@ -117,6 +116,7 @@ class EntryEncoder:
 
 def make_encoder() -> Encoder:
     """The fast encoder when the schema is the one it was written for, else the generic codec."""
-    if tuple(f["name"] for f in schema_json()["fields"]) == FIELDS:
+    codec = default_codec()
+    if codec.fingerprint == WRITTEN_FOR:
         return EntryEncoder()
-    return default_codec().encode
+    return codec.encode

@@ -19,7 +19,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from logferry.errors import SchemaError
-from logferry.schemas.decode import FIELDS, EntryDecoder
+from logferry.schemas.decode import WRITTEN_FOR, EntryDecoder
 
 CONTENT_TYPE = "application/vnd.logferry.log-entry+avro"
 CONTENT_TYPE_HEADER = "content-type"
@@ -45,8 +45,11 @@ class Codec:
             (FINGERPRINT_HEADER, self.fingerprint.encode()),
         ]
         own = self._decode_with(self.schema)
-        if tuple(f["name"] for f in schema["fields"]) == FIELDS and schema == schema_json():
-            own = EntryDecoder(own)  # bodies our own schema wrote: the specialised decoder
+        # The specialised decoder reads one schema: the shipped one (logical types included), as it
+        # was when the decoder was written. For its fingerprint, the codec's own schema wins over an
+        # equal one in `known`.
+        if self.fingerprint == WRITTEN_FOR and schema == schema_json():
+            own = EntryDecoder(own)
         self._decoders: dict[str, Callable[[bytes], LogEntry]] = {self.fingerprint: own}
         for s in known:
             parsed = parse_schema(s)

@@ -69,6 +69,7 @@ def test_poison_and_undecodable_records_land_in_the_dlq_and_the_group_keeps_goin
                   headers=codec.headers)  # fmt: skip
     p.produce(topic, b"\x07not avro at all", key=b"k0", headers=codec.headers)
     p.produce(topic, codec.encode(entry(99)), key=b"k1", headers=[(FINGERPRINT_HEADER, b"00000000deadbeef")])
+    p.produce(topic, None, key=b"k2")  # a tombstone: no value at all
     p.flush(10)
 
     handled: list[int] = []
@@ -88,15 +89,15 @@ def test_poison_and_undecodable_records_land_in_the_dlq_and_the_group_keeps_goin
     run_until(app, lambda: len(handled) == 47 and app.runtime.in_flight() == 0, 30, "the good entries")
     assert sorted(handled) == [i for i in range(50) if i not in poison]
     assert all(attempts[i] == [1, 2, 3] for i in poison)  # in place: 1 try + 2 retries
-    dead = read_all(kafka_bootstrap, dlq, 5)
-    assert len(dead) == 5
+    dead = read_all(kafka_bootstrap, dlq, 6)
+    assert len(dead) == 6
     by_reason: dict[str, list] = {}
     for m in dead:
         h = m.headers()
         assert header_str(h, H_TOPIC) == topic and header_str(h, H_GROUP) == group_id
         assert header_str(h, H_PARTITION).isdigit() and header_str(h, H_OFFSET).isdigit()
         by_reason.setdefault(header_str(h, H_REASON), []).append(m)
-    assert len(by_reason["handler_failed"]) == 3 and len(by_reason["undecodable"]) == 2
+    assert len(by_reason["handler_failed"]) == 3 and len(by_reason["undecodable"]) == 3
     for m in by_reason["handler_failed"]:
         h = m.headers()
         assert header_str(h, H_ATTEMPTS) == "3" and header_str(h, H_EXC_TYPE) == "PoisonError"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from datetime import datetime
 
 import pytest
 from fastavro import schemaless_reader
@@ -22,17 +21,23 @@ def fastavro_decode(value: bytes) -> dict:
 
 
 def outcome(decode, value: bytes) -> tuple[str, object]:
-    """('ok', entry with each datetime's tzinfo spelled out) or ('error', None)."""
+    """('ok', the entry with its values' types, datetimes' tzinfo and the map's order spelled out)
+    or ('error', the exception's type and text)."""
     try:
         got = decode(value)
-    except Exception:
-        return "error", None
-    return "ok", {k: (v, v.tzinfo) if isinstance(v, datetime) else v for k, v in got.items()}
+    except Exception as e:
+        return "error", (type(e).__name__, str(e))
+    spelled = {k: (v, type(v), getattr(v, "tzinfo", None)) for k, v in got.items()}
+    return "ok", (spelled, list(got["attributes"].items()))
+
+
+def no_fallback(value: bytes) -> dict:
+    raise AssertionError(f"a well-formed body went to fastavro: {value!r}")
 
 
 micros = st.integers(-62_135_596_800_000_000, 253_402_300_799_999_999)  # datetime.min .. datetime.max
 entries = st.fixed_dictionaries({
-    "timestamp": micros | st.integers(-(1 << 20), 1 << 20),  # 1- to 8-byte varints
+    "timestamp": micros | st.integers(-(1 << 20), 1 << 20),  # 8- and 9-byte varints; short ones
     "received_at": micros,
     "host": st.text(max_size=80),
     "source": st.text(max_size=20),
@@ -55,7 +60,7 @@ def test_decodes_what_fastavro_decodes(entry):
     value = CODEC.encode(entry)
     want = outcome(fastavro_decode, value)
     assert want[0] == "ok"
-    decoder = EntryDecoder(fastavro_decode)
+    decoder = EntryDecoder(no_fallback)  # decoded by itself, not by handing it to fastavro
     assert outcome(decoder, value) == want
     assert outcome(decoder, value) == want  # again: the datetimes now come from its cache
 
@@ -87,9 +92,9 @@ def test_a_map_in_blocks_with_byte_sizes_is_read_like_fastavro():
     cut = len(head) - 3  # the empty map's 0, then parse_error's and raw's nulls
     blocks = b"\x01\x08\x02a\x02b" + b"\x01\x08\x02c\x02d" + b"\x00"  # each: -1 pair, 4 bytes, the pair
     body = head[:cut] + blocks + head[cut + 1 :]
-    want = fastavro_decode(body)
-    assert want["attributes"] == {"a": "b", "c": "d"}
-    assert EntryDecoder(fastavro_decode)(body) == want
+    want = outcome(fastavro_decode, body)
+    assert fastavro_decode(body)["attributes"] == {"a": "b", "c": "d"}
+    assert outcome(EntryDecoder(no_fallback), body) == want
 
 
 @pytest.mark.parametrize(
@@ -109,10 +114,18 @@ def test_unusual_encodings_fare_as_with_fastavro(field, old, new, fastavro_says)
     assert value.count(old) == 1, (value, old)
     damaged = value.replace(old, new)
     assert outcome(fastavro_decode, damaged)[0] == fastavro_says
-    assert outcome(EntryDecoder(fastavro_decode), damaged) == outcome(fastavro_decode, damaged)
+    decoder = EntryDecoder(fastavro_decode)  # each of these goes to fastavro, the non-canonical branch too
+    assert outcome(decoder, damaged) == outcome(fastavro_decode, damaged)
     if fastavro_says == "error":
         with pytest.raises(SchemaError):
             CODEC.decode(damaged, CODEC.headers)
+
+
+@pytest.mark.parametrize("value", [None, b""])
+def test_no_value_is_a_schema_error(value):
+    """A tombstone's value is None: the processor sends it to the dead-letter topic as undecodable."""
+    with pytest.raises(SchemaError, match="EOFError"):
+        CODEC.decode(value, None)
 
 
 def test_invalid_utf8_is_the_same_schema_error():
