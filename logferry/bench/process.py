@@ -78,6 +78,8 @@ def _raw(bootstrap: str, topic: str, n: int, decode: str | None, sleep: float = 
 
     from logferry.schemas import default_codec
 
+    if decode not in ("logferry", "fastavro", None):
+        raise ValueError(f"unknown decode {decode!r}")
     codec = default_codec()
     schema = codec.schema
     c = Consumer({
