@@ -58,6 +58,9 @@ def process(
     inline: Annotated[
         bool | None, typer.Option("--inline", help="Run the handler on the poll thread (fast CPU-bound handlers).")
     ] = None,
+    pin_to_cpu: Annotated[
+        int | None, typer.Option(help="Run the poll loop and workers on this CPU (GIL-bound, fast handlers).")
+    ] = None,
     max_in_flight: Annotated[int | None, typer.Option(help="Pause fetching above this many records.")] = None,
     rate_limit: Annotated[float | None, typer.Option(help="At most this many entries/s for this process.")] = None,
     retries: Annotated[int | None, typer.Option(help="In-place retries before giving up on a record.")] = None,
@@ -93,7 +96,7 @@ def process(
     section: dict[str, Any] = {
         "group": group, "topics": topic or None, "low_priority_topics": low_topic or None, "handler": handler,
         "builtin": builtin, "ordering": ordering, "concurrency": concurrency, "inline": inline,
-        "max_in_flight": max_in_flight,
+        "pin_to_cpu": pin_to_cpu, "max_in_flight": max_in_flight,
         "rate_limit": rate_limit, "retries": retries, "retry_delays": retry_delay or None,
         "dead_letter_topic": dead_letter_topic, "filter": {"levels": level} if level else None,
         "exactly_once": exactly_once, "output_topic": output_topic, "member_id": member_id,

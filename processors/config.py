@@ -39,6 +39,12 @@ class ProcessorSection(StrictModel):
     # Run a plain (not async) handler on the poll thread itself, no worker threads (`concurrency` unused):
     # cheapest for fast CPU-bound handlers; each call holds up polling while it runs.
     inline: bool = False
+    # Run the poll loop and the workers (threads started later) on this one CPU; librdkafka's threads
+    # stay on all. Python threads never run bytecode at once (the GIL), but on several cores every
+    # hand-off between the poll thread and a worker moves their objects between caches. Leave unset
+    # when handlers do parallel work in C that releases the GIL (compression, numpy), or when other
+    # busy processes are pinned to the same CPU.
+    pin_to_cpu: int | None = Field(None, ge=0)
     # Backlog inside the process: pause every partition at `max_in_flight`, resume at `resume_at`.
     max_in_flight: int = Field(2_000, ge=1)
     resume_at: int | None = Field(None, ge=0)  # default: half of max_in_flight
