@@ -91,12 +91,14 @@ def test_process_runtime_beside_raw_loop_consumer_performance_and_sequential(
     measured = names(report)
     for name in ("raw consume(500) + decode + no-op", "raw consume(500) + fastavro decode + no-op",
                  "logferry Processor key-ordered, 64 threads", "logferry Processor key-ordered, inline",
+                 "logferry Processor key-ordered, 64 threads, pin_to_cpu",
                  "sequential consumer"):  # fmt: skip
         assert name in measured
     assert any(n.startswith("Kafka ConsumerPerformance") for n in measured)
     ratios = {r["name"]: r for r in report["ratios"]}
     assert ratios["no-op: Processor inline / raw consume+decode"]["target"] == 0.8
     assert ratios["no-op: Processor 64 threads / raw consume+decode"]["target"] == 0.8
+    assert ratios["no-op: Processor 64 threads pinned / raw consume+decode"]["target"] == 0.8
     assert ratios["5 ms: Processor threads / sequential"]["target"] == 50
 
 

@@ -2,8 +2,8 @@
 
 Two comparisons on the same pre-filled topic (6 partitions, 1000 keys, Avro LogEntry):
 
-1. no-op handler: `Processor(ordering="key")`, on 64 worker threads and `inline` on the poll
-   thread, vs a raw `consume(500)` loop that decodes each
+1. no-op handler: `Processor(ordering="key")`, on 64 worker threads (also with `pin_to_cpu`)
+   and `inline` on the poll thread, vs a raw `consume(500)` loop that decodes each
    record with the same codec and calls the same no-op (the least a real consumer does);
    the same loop decoding with plain fastavro (as one written without logferry would) and a
    loop that does not even decode are printed too, for scale.
@@ -22,6 +22,7 @@ import cProfile
 import io
 import itertools
 import json
+import os
 import pstats
 import resource
 import statistics
@@ -116,8 +117,9 @@ def _noop(entry: object, ctx: object) -> None:
 
 
 def _runtime(
-    bootstrap: str, topic: str, n: int, kind: str, concurrency: int, profile: bool = False, inline: bool = False
-) -> dict[str, Any]:
+    bootstrap: str, topic: str, n: int, kind: str, concurrency: int, profile: bool = False, inline: bool = False,
+    pin_to_cpu: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     from logferry.processors import Processor
 
     counter = itertools.count(1)
@@ -157,7 +159,7 @@ def _runtime(
             finish()
 
     app = Processor(group=f"bench-rt-{uuid.uuid4().hex[:8]}", topics=[topic], bootstrap_servers=bootstrap,
-                    ordering="key", concurrency=concurrency, inline=inline)  # fmt: skip
+                    ordering="key", concurrency=concurrency, inline=inline, pin_to_cpu=pin_to_cpu)  # fmt: skip
     app.handler(handle)
     prof = cProfile.Profile() if profile else None
 
@@ -306,11 +308,12 @@ def measure(
         "fastavro": Run("raw consume(500) + fastavro decode + no-op", avg, noop),
         "runtime": Run("logferry Processor key-ordered, 64 threads", avg, noop),
         "inline": Run("logferry Processor key-ordered, inline", avg, noop),
+        "pinned": Run("logferry Processor key-ordered, 64 threads, pin_to_cpu", avg, noop),
         "bare": Run("raw consume(500), no decode (scale only)", avg, noop),
     }
 
     # CPU s per entry inside the timed window
-    window_cpu: dict[str, list[float]] = {"raw": [], "runtime": [], "inline": []}
+    window_cpu: dict[str, list[float]] = {"raw": [], "runtime": [], "inline": [], "pinned": []}
 
     def side(name: str, n: int, window: str | None = None, **args: Any) -> Callable[[], Sample]:
         def run() -> Sample:
@@ -321,11 +324,13 @@ def measure(
 
         return run
 
+    last_cpu = max(os.sched_getaffinity(0))
     sides = {
         "raw": side("raw", entries, "raw", decode="logferry"),
         "fastavro": side("raw", entries, decode="fastavro"),
         "runtime": side("runtime", entries, "runtime", kind="noop", concurrency=64),
         "inline": side("runtime", entries, "inline", kind="noop", concurrency=64, inline=True),
+        "pinned": side("runtime", entries, "pinned", kind="noop", concurrency=64, pin_to_cpu=last_cpu),
         "bare": side("raw", entries, decode=None),
     }
     if consumer_perf:
@@ -351,6 +356,9 @@ def measure(
     report.runs = list(runs.values())
     report.ratios.append(ratio("no-op: Processor inline / raw consume+decode", runs["inline"], runs["raw"], 0.8))
     report.ratios.append(ratio("no-op: Processor 64 threads / raw consume+decode", runs["runtime"], runs["raw"], 0.8))
+    report.ratios.append(
+        ratio("no-op: Processor 64 threads pinned / raw consume+decode", runs["pinned"], runs["raw"], 0.8)
+    )
     report.ratios.append(ratio("no-op: Processor inline / raw consume+fastavro", runs["inline"], runs["fastavro"]))
     report.ratios.append(ratio("no-op: Processor 64 threads / raw consume, no decode", runs["runtime"], runs["bare"]))
     if consumer_perf:
@@ -358,7 +366,8 @@ def measure(
     report.ratios.append(ratio("5 ms: Processor threads / sequential", runs["threads"], runs["seq"], 50))
     report.ratios.append(ratio("5 ms: Processor asyncio / sequential", runs["async"], runs["seq"], 50))
     cpu_raw = runs["raw"].cpu_per_million()
-    for name, label in (("inline", "Processor inline"), ("runtime", "Processor 64 threads")):
+    for name, label in (("inline", "Processor inline"), ("runtime", "Processor 64 threads"),
+                        ("pinned", "Processor 64 threads pinned")):  # fmt: skip
         cpu_rt = runs[name].cpu_per_million()
         if cpu_rt and cpu_raw:  # wall-clock ratios swing with other load on a shared machine; CPU per record less
             in_window = statistics.median(window_cpu[name]) / statistics.median(window_cpu["raw"])
