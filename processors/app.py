@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -50,18 +49,6 @@ class _FrozenWhileRunning:
 
 
 _FROZEN = _FrozenWhileRunning()
-
-
-def _check_cpu(cpu: int | None) -> int | None:
-    """`pin_to_cpu`, checked before anything is created: a CPU this process may run on."""
-    if cpu is None:
-        return None
-    if not hasattr(os, "sched_setaffinity"):
-        raise ConfigError("pin_to_cpu needs Linux (os.sched_setaffinity)")
-    allowed = os.sched_getaffinity(0)
-    if cpu not in allowed:
-        raise ConfigError(f"pin_to_cpu = {cpu}: this process may run on CPUs {sorted(allowed)} only")
-    return cpu
 
 
 class Processor:
@@ -118,7 +105,6 @@ class Processor:
         """Consume until stop(), SIGTERM or SIGINT; then finish in-flight work (within the grace) and leave."""
         if self._handler is None:
             raise ConfigError("Processor.run(): no handler registered (decorate a function with @app.handler)")
-        pin = _check_cpu(self.settings.pin_to_cpu)
         control = ControlListener.for_settings(self.settings, self.kafka)  # live replay (`logferry replay`)
         runtime = ExactlyOnceRuntime if self.settings.exactly_once else Runtime
         try:
@@ -139,16 +125,9 @@ class Processor:
                 restore[sig] = signal.signal(sig, lambda *_: self.stop())
         if self.settings.gc_freeze:
             _FROZEN.hold()
-        # Pinned after the Kafka clients exist, so their threads stay free; worker threads start in
-        # run() and inherit this thread's CPU.
-        cpus = os.sched_getaffinity(0) if pin is not None else None
         try:
-            if pin is not None:
-                os.sched_setaffinity(0, {pin})
             self._runtime.run()
         finally:
-            if cpus is not None:
-                os.sched_setaffinity(0, cpus)  # the caller's thread goes on where it could before
             if self.settings.gc_freeze:
                 _FROZEN.release()
             for sig, previous in restore.items():

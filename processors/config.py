@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from logferry.config import StrictModel
 from logferry.kafka import KafkaSettings
+from logferry.processors.affinity import check_cpu
 
 
 class MetricsSettings(StrictModel):
@@ -39,11 +40,10 @@ class ProcessorSection(StrictModel):
     # Run a plain (not async) handler on the poll thread itself, no worker threads (`concurrency` unused):
     # cheapest for fast CPU-bound handlers; each call holds up polling while it runs.
     inline: bool = False
-    # Run the poll loop and the workers (threads started later) on this one CPU; librdkafka's threads
-    # stay on all. Python threads never run bytecode at once (the GIL), but on several cores every
-    # hand-off between the poll thread and a worker moves their objects between caches. Leave unset
-    # when handlers do parallel work in C that releases the GIL (compression, numpy), or when other
-    # busy processes are pinned to the same CPU.
+    # Run the poll loop and the worker threads on this one CPU (processors/affinity.py); the Kafka
+    # clients' threads keep the CPUs of the thread that called run(). Threads a handler starts, or
+    # clients it makes lazily, inherit the pin. Leave unset when handlers do parallel work in C that
+    # releases the GIL (compression, numpy), or when other busy processes are pinned to the same CPU.
     pin_to_cpu: int | None = Field(None, ge=0)
     # Backlog inside the process: pause every partition at `max_in_flight`, resume at `resume_at`.
     max_in_flight: int = Field(2_000, ge=1)
@@ -75,6 +75,13 @@ class ProcessorSection(StrictModel):
     output_topic: str | None = None
     # Stable per member across restarts (transactional.id); default: the host name.
     member_id: str | None = None
+
+    @field_validator("pin_to_cpu")
+    @classmethod
+    def _cpu_allowed(cls, cpu: int | None) -> int | None:
+        if cpu is not None:
+            check_cpu(cpu)
+        return cpu
 
     @model_validator(mode="after")
     def _check(self) -> ProcessorSection:

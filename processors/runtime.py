@@ -24,6 +24,7 @@ from logferry.errors import ConfigError, SchemaError
 from logferry.kafka import KafkaSettings, close_producer
 from logferry.log import LogOnce
 from logferry.metrics import CONSUMED, FILTERED, IN_FLIGHT, LAG, PAUSED_PARTITIONS, PROCESSED, REBALANCES
+from logferry.processors import affinity
 from logferry.processors.commits import KafkaCommitter, OffsetCommitter
 from logferry.processors.config import ProcessorSection
 from logferry.processors.context import Context
@@ -211,6 +212,15 @@ class Runtime:
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> None:
         self._ensure_topics()
+        # `pin_to_cpu`: pinned once every Kafka client exists, so their threads stay free; the
+        # workers start next and inherit it.
+        cpus = affinity.pin_calling_thread(self.s.pin_to_cpu)
+        try:
+            self._run()
+        finally:
+            affinity.restore(cpus)
+
+    def _run(self) -> None:
         self.dispatcher.start()
         self.consumer.subscribe(
             sorted(self.high_topics | self.low_topics),

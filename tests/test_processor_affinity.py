@@ -1,4 +1,4 @@
-"""`pin_to_cpu`: the poll loop and the workers run on one CPU, librdkafka's threads on all (real broker)."""
+"""`pin_to_cpu`: the poll loop and the workers run on one CPU, Kafka's client threads on the caller's (real broker)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ from logferry.processors.runtime import Hooks
 
 pytestmark = pytest.mark.kafka
 
+ALLOWED = os.sched_getaffinity(0)
+CPU = max(ALLOWED)
+# With one CPU allowed, pinned and unpinned threads look the same: nothing here could fail.
+needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason=f"this process may use one CPU only ({sorted(ALLOWED)})")
+
 
 def kafka_threads() -> dict[str, set[int]]:
     """librdkafka's threads in this process (named rdk:…) and the CPUs each may run on."""
@@ -30,52 +35,81 @@ def kafka_threads() -> dict[str, set[int]]:
     return out
 
 
+def run_recording(app: Processor) -> tuple[threading.Thread, dict[str, object]]:
+    """app.run() on a thread that afterwards records its own CPUs (and what run() raised)."""
+    after: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            app.run(install_signals=False)
+        except Exception as e:
+            after["raised"] = e
+        after["cpus"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, after
+
+
+@needs_two_cpus
+@pytest.mark.parametrize("kind", ["threads", "asyncio"])
 def test_pinned_processor_runs_its_python_threads_on_one_cpu_and_leaves_kafka_threads_free(
-    kafka_bootstrap, make_topic, group_id
+    kafka_bootstrap, make_topic, group_id, kind
 ):
-    allowed = os.sched_getaffinity(0)
-    cpu = max(allowed)
     topic = make_topic(partitions=3)
     n = 300
     produce(kafka_bootstrap, topic, [(f"k{i % 11}".encode(), entry(i)) for i in range(n)])
     poll_cpus: list[set[int]] = []
     hooks = Hooks(on_poll=lambda rt: poll_cpus.append(os.sched_getaffinity(0)))
     app = Processor(group=group_id, topics=[topic], bootstrap_servers=kafka_bootstrap, concurrency=4,
-                    pin_to_cpu=cpu, hooks=hooks)  # fmt: skip
-    handled: dict[str, set[int]] = {}  # worker thread name → its CPUs, seen while handling
+                    pin_to_cpu=CPU, hooks=hooks)  # fmt: skip
+    handled: dict[int, set[int]] = {}  # handler thread → its CPUs, seen while handling
+    lock = threading.Lock()
     count = [0]
 
-    @app.handler
-    def handle(e, ctx):
-        handled[threading.current_thread().name] = os.sched_getaffinity(0)
-        count[0] += 1
+    def seen() -> None:
+        with lock:
+            handled[threading.get_ident()] = os.sched_getaffinity(0)
+            count[0] += 1
 
-    after: dict[str, set[int]] = {}
+    if kind == "threads":
+        app.handler(lambda e, ctx: seen())
+    else:
 
-    def run() -> None:
-        app.run(install_signals=False)
-        after["cpus"] = os.sched_getaffinity(0)  # the thread that called run(), once it returned
+        async def handle(e, ctx):
+            seen()
 
-    caller = threading.Thread(target=run, daemon=True)
-    caller.start()
+        app.handler(handle)
+    caller, after = run_recording(app)
     wait_for(lambda: count[0] >= n, 60, "every record handled")
     while_running = kafka_threads()
     app.stop()
     caller.join(30)
 
-    assert handled and all(name.startswith("worker") for name in handled)
-    assert all(cpus == {cpu} for cpus in handled.values()), handled
-    assert poll_cpus and all(cpus == {cpu} for cpus in poll_cpus)
-    assert while_running and all(cpus == allowed for cpus in while_running.values()), while_running
-    assert after["cpus"] == allowed
+    assert not caller.is_alive() and "raised" not in after, after
+    assert handled and caller.ident not in handled  # on workers / the event loop thread, not the poll thread
+    assert all(cpus == {CPU} for cpus in handled.values()), handled
+    assert poll_cpus and all(cpus == {CPU} for cpus in poll_cpus)
+    assert while_running and all(cpus == ALLOWED for cpus in while_running.values()), while_running
+    assert after["cpus"] == ALLOWED  # the caller's thread goes on where it could before
 
 
-def test_a_cpu_the_process_may_not_use_is_refused_before_any_client_exists(kafka_bootstrap, make_topic, group_id):
-    allowed = os.sched_getaffinity(0)
-    app = Processor(group=group_id, topics=[make_topic()], bootstrap_servers=kafka_bootstrap,
-                    pin_to_cpu=max(allowed) + 1)  # fmt: skip
+@needs_two_cpus
+def test_the_caller_gets_its_cpus_back_when_the_loop_fails(kafka_bootstrap, make_topic, group_id):
+    def fail(rt) -> None:
+        raise RuntimeError("a hook that breaks the loop")
+
+    app = Processor(group=group_id, topics=[make_topic()], bootstrap_servers=kafka_bootstrap, pin_to_cpu=CPU,
+                    hooks=Hooks(on_poll=fail))  # fmt: skip
     app.handler(lambda e, ctx: None)
-    with pytest.raises(ConfigError, match=re.escape(f"may run on CPUs {sorted(allowed)} only")):
-        app.run(install_signals=False)
-    assert app._runtime is None and app.control is None  # no consumer, producer or live-replay listener made
-    assert os.sched_getaffinity(0) == allowed
+    caller, after = run_recording(app)
+    caller.join(30)
+    assert not caller.is_alive()
+    assert isinstance(after["raised"], RuntimeError)
+    assert after["cpus"] == ALLOWED
+
+
+def test_a_cpu_the_process_may_not_use_is_refused_with_the_config():
+    """Refused where the config is validated: before the CLI claims a replay or any client exists."""
+    with pytest.raises(ConfigError, match=re.escape(f"may run on CPUs {sorted(ALLOWED)} only")):
+        Processor(group="g", topics=["t"], pin_to_cpu=CPU + 1)
