@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from logferry import __version__
+from logferry import __version__, affinity
 from logferry.collectors.buffer import SOURCE, UNDELIVERED, Buffer, BufferClosed, Record, Spill
 from logferry.collectors.config import AgentConfig, SourceSettings
 from logferry.collectors.fsutil import default_state_dir
@@ -113,6 +113,7 @@ class Agent:
         self.sink: KafkaSink | None = None
         self.metrics: MetricsServer | None = None
         self.undelivered = 0
+        self._free_cpus: set[int] | None = None  # the CPUs run()'s thread had before `pin_to_cpu`
 
     # ---- start-up ---------------------------------------------------------------------
     def _start(self) -> None:
@@ -142,7 +143,7 @@ class Agent:
             for src in self.sources.values():
                 if type(src).delivered is not Source.delivered:
                     self._acks[src.name] = src.delivered
-            self.sink = KafkaSink(cfg.kafka, cfg.sink, self.buffer, self._acks)
+            self.sink = KafkaSink(cfg.kafka, cfg.sink, self.buffer, self._acks, self._free_cpus)
             if spill is not None and hasattr(spill, "attach"):
                 spill.attach(self.sink, self._acks)  # spooled records: acked to the spool, then to their source
             self.sink.start()
@@ -257,8 +258,11 @@ class Agent:
     # ---- the main loop ----------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        self._start()
+        # `pin_to_cpu`: this thread and every thread it starts from here (sources, sink, metrics) on
+        # one CPU; the sink makes its producers on the CPUs this thread had.
+        self._free_cpus = affinity.pin_calling_thread(self.config.agent.pin_to_cpu)
         try:
+            self._start()
             while True:
                 self._wakeup.wait(TICK)
                 self._wakeup.clear()
@@ -278,6 +282,7 @@ class Agent:
                     # Bounded by librdkafka's delivery timeout: after it every entry is acked or failed.
                     return self._shutdown(self.config.sink.delivery_timeout_ms / 1000 + 5, finite=True)
         finally:
+            affinity.restore(self._free_cpus)
             self._restore_signals()
 
     def _shutdown(self, grace: float, finite: bool) -> int:

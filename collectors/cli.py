@@ -69,6 +69,9 @@ def collect(
         ),
     ] = None,
     grace_period: Annotated[float | None, typer.Option(help="Seconds to drain into Kafka on SIGTERM.")] = None,
+    pin_to_cpu: Annotated[
+        int | None, typer.Option(help="Run the source and sink threads on this CPU (Kafka's threads stay free).")
+    ] = None,
 ) -> None:
     """Run the collector agent: local IPC sources → Avro → Kafka, until SIGTERM (or EOF for stdin)."""
     from logferry.collectors.agent import Agent
@@ -78,6 +81,8 @@ def collect(
     overrides = flag_overrides(bootstrap_servers, parser, key, topic, metrics_address, buffer_policy, grace_period)
     if state_dir is not None:
         overrides["agent"] = {**(overrides["agent"] or {}), "state_dir": str(state_dir)}
+    if pin_to_cpu is not None:
+        overrides["agent"] = {**(overrides["agent"] or {}), "pin_to_cpu": pin_to_cpu}
     data = read_toml(config) if config else {}
     data = deep_merge(data, overrides)
     extra_sources = [parse_source_flag(s) for s in source or []]

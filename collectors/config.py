@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from logferry.affinity import check_cpu
 from logferry.collectors.spill import SpoolSettings
 from logferry.config import StrictModel
 from logferry.kafka import KafkaSettings
@@ -155,6 +156,17 @@ class AgentSettings(StrictModel):
     # Checkpoints and the spool live here. None: $LOGFERRY_STATE_DIR, else /var/lib/logferry for root,
     # else ~/.local/state/logferry/agent (collectors.fsutil.default_state_dir).
     state_dir: Path | None = None
+    # Run the source and sink threads on this one CPU (logferry/affinity.py); the Kafka producer's
+    # threads keep the CPUs the process had. Unset: the kernel places them. Give each pinned process
+    # its own CPU.
+    pin_to_cpu: int | None = Field(None, ge=0)
+
+    @field_validator("pin_to_cpu")
+    @classmethod
+    def _cpu_allowed(cls, cpu: int | None) -> int | None:
+        if cpu is not None:
+            check_cpu(cpu)
+        return cpu
 
 
 class AgentConfig(StrictModel):

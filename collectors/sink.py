@@ -30,6 +30,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from logferry import affinity
 from logferry.collectors.buffer import TIMESTAMP, TOKEN, TOPIC, VALUE, Buffer, Record
 from logferry.collectors.config import SinkSettings
 from logferry.collectors.profiling import profiled
@@ -217,8 +218,11 @@ class KafkaSink:
         settings: SinkSettings,
         buffer: Buffer,
         acks: dict[str, AckCallback] | None = None,
+        free_cpus: set[int] | None = None,
     ) -> None:
+        """`free_cpus`: the agent's threads are pinned (`pin_to_cpu`); producers start their threads on these."""
         self.buffer = buffer
+        self.free_cpus = free_cpus
         self.settings = settings
         self.headers = default_codec().headers
         write_ahead = bool(getattr(buffer.spill, "write_ahead", False))
@@ -246,8 +250,11 @@ class KafkaSink:
             # Some source checkpoints on acknowledgements (a file; the spool): a delivery timeout would
             # settle an outage's entries as failures and move its checkpoint past them. They wait for
             # Kafka instead (librdkafka's 0 = until delivered); only what Kafka refuses for good fails.
-            return Producer({**self._config, "delivery.timeout.ms": 0})
-        return Producer(failures_only(self._config, self._on_failed_report))
+            config = {**self._config, "delivery.timeout.ms": 0}
+        else:
+            config = failures_only(self._config, self._on_failed_report)
+        with affinity.unpinned(self.free_cpus):  # made on the sink thread when reports switch on
+            return Producer(config)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> KafkaSink:

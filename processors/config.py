@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from logferry.affinity import check_cpu
 from logferry.config import StrictModel
 from logferry.kafka import KafkaSettings
-from logferry.processors.affinity import check_cpu
 
 
 class MetricsSettings(StrictModel):
@@ -40,7 +40,7 @@ class ProcessorSection(StrictModel):
     # Run a plain (not async) handler on the poll thread itself, no worker threads (`concurrency` unused):
     # cheapest for fast CPU-bound handlers; each call holds up polling while it runs.
     inline: bool = False
-    # Run the poll loop and the worker threads on this one CPU (processors/affinity.py); the Kafka
+    # Run the poll loop and the worker threads on this one CPU (logferry/affinity.py); the Kafka
     # clients' threads keep the CPUs of the thread that called run(). Threads a handler starts, or
     # clients it makes lazily, inherit the pin. Leave unset when handlers do parallel work in C that
     # releases the GIL (compression, numpy), or when other busy processes are pinned to the same CPU.

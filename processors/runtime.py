@@ -20,11 +20,11 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
+from logferry import affinity
 from logferry.errors import ConfigError, SchemaError
 from logferry.kafka import KafkaSettings, close_producer
 from logferry.log import LogOnce
 from logferry.metrics import CONSUMED, FILTERED, IN_FLIGHT, LAG, PAUSED_PARTITIONS, PROCESSED, REBALANCES
-from logferry.processors import affinity
 from logferry.processors.commits import KafkaCommitter, OffsetCommitter
 from logferry.processors.config import ProcessorSection
 from logferry.processors.context import Context
