@@ -67,6 +67,8 @@ def test_ingest_agent_beside_producer_performance_and_peers(tmp_path: Path, kafk
     agent = next(r for r in report["runs"] if r["name"].startswith("logferry"))
     assert agent["cpu_s_per_million"] > 0 and agent["peak_rss_mb"] > 0
     assert any(r["name"] == "logferry / Kafka ProducerPerformance" for r in report["ratios"])
+    assert "logferry agent (unix socket), pin_to_cpu" in measured
+    assert any(r["name"] == "logferry pin_to_cpu / Kafka ProducerPerformance" for r in report["ratios"])
     # The Python ceiling ran in its own process and delivered every line (it raises otherwise).
     loop = next(r for r in report["runs"] if r["name"].startswith("confluent-kafka produce() loop"))
     assert loop["samples"][0]["entries"] == 2000 and loop["cpu_s_per_million"] > 0

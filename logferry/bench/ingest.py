@@ -74,7 +74,7 @@ from logferry.broker.local import java_command
 from logferry.collectors.config import SinkSettings
 from logferry.collectors.profiling import ENV as PROFILE_ENV
 
-PEERS = ("logferry", "producer-perf", "rsyslog", "kcat", "python-loop")
+PEERS = ("logferry", "logferry-pinned", "producer-perf", "rsyslog", "kcat", "python-loop")
 APT = {"rsyslog": ("rsyslog-kafka", "rsyslogd"), "kcat": ("kcat", "kcat")}  # peer: (package, binary)
 SINK = SinkSettings()
 
@@ -163,7 +163,9 @@ def wait_delivered(bootstrap: str, topic: str, total: int, stall: float = 30) ->
 
 # ---- the sides -----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def agent(bootstrap: str, topic: str, work: Path, profile: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def agent(
+    bootstrap: str, topic: str, work: Path, profile: Path | None = None, pin_to_cpu: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """`logferry collect --source unix:WORK/agent.sock` into `topic`, running until the block ends."""
     sock = work / "agent.sock"
     env = {**os.environ, "LOGFERRY_STATE_DIR": str(work / "state")}
@@ -171,13 +173,20 @@ def agent(bootstrap: str, topic: str, work: Path, profile: Path | None = None) -
         env[PROFILE_ENV] = str(profile)
     cmd = [sys.executable, "-m", "logferry", "--log-level", "WARNING", "collect", "--source", f"unix:{sock}",
            "--topic", topic, "-b", bootstrap, "--metrics-address", "127.0.0.1:0"]  # fmt: skip
+    if pin_to_cpu is not None:
+        cmd += ["--pin-to-cpu", str(pin_to_cpu)]
     with daemon(cmd, sock.exists, work / "agent.log", env=env, cwd=work) as proc:
         yield proc
 
 
-def run_agent(bootstrap: str, lines: list[bytes], total: int, clients: int, profile: Path | None) -> Sample:
+def run_agent(
+    bootstrap: str, lines: list[bytes], total: int, clients: int, profile: Path | None, pin_to_cpu: int | None = None
+) -> Sample:
     topic = new_topic(bootstrap, "bench-agent")
-    with tempfile.TemporaryDirectory(prefix="lf-bench-agent-") as tmp, agent(bootstrap, topic, Path(tmp), profile) as p:
+    with (
+        tempfile.TemporaryDirectory(prefix="lf-bench-agent-") as tmp,
+        agent(bootstrap, topic, Path(tmp), profile, pin_to_cpu) as p,
+    ):
         return timed_feed(bootstrap, topic, p, Path(tmp) / "agent.sock", lines, total, clients)
 
 
@@ -357,7 +366,8 @@ def measure(
          "producer": producer_props(), "full": full},
         {},
     )  # fmt: skip
-    chosen = [p for p in peers if p in ("logferry", "producer-perf", "python-loop") or ensure_peer(p, report, install)]
+    ours = ("logferry", "logferry-pinned", "producer-perf", "python-loop")
+    chosen = [p for p in peers if p in ours or ensure_peer(p, report, install)]
     for p in PEERS:
         if p not in peers:
             report.skip(p, "not selected with --peers")
@@ -365,6 +375,7 @@ def measure(
     lines = make_lines(1000, size)
     names = {
         "logferry": "logferry agent (unix socket)",
+        "logferry-pinned": "logferry agent (unix socket), pin_to_cpu",
         "producer-perf": "Kafka ProducerPerformance",
         "rsyslog": "rsyslog imptcp → omkafka",
         "kcat": "kcat -P -l file",
@@ -372,6 +383,7 @@ def measure(
     }
     sides: dict[str, Callable[[], Sample]] = {
         "logferry": lambda: run_agent(bootstrap, lines, entries, clients, profile),
+        "logferry-pinned": lambda: run_agent(bootstrap, lines, entries, clients, None, max(os.sched_getaffinity(0))),
         "producer-perf": lambda: run_producer_performance(bootstrap, lines, entries, kafka_version),
         "rsyslog": lambda: run_rsyslog(bootstrap, lines, entries, clients),
         "kcat": lambda: run_kcat(bootstrap, lines, entries),
@@ -381,11 +393,11 @@ def measure(
     with out.status(f"ingest: {', '.join(chosen)} x {repeat}…"):
         alternate({p: sides[p] for p in chosen}, runs, repeat)
     report.runs = list(runs.values())
-    if "logferry" in runs:
-        targets = {"producer-perf": 0.7, "rsyslog": 1.0, "kcat": None, "python-loop": None}
+    targets = {"producer-perf": 0.7, "rsyslog": 1.0, "kcat": None, "python-loop": None}
+    for agent_side, label in (("logferry", "logferry"), ("logferry-pinned", "logferry pin_to_cpu")):
         for p, target in targets.items():
-            if p in runs:
-                report.ratios.append(ratio(f"logferry / {names[p]}", runs["logferry"], runs[p], target))
+            if agent_side in runs and p in runs:
+                report.ratios.append(ratio(f"{label} / {names[p]}", runs[agent_side], runs[p], target))
     report.notes.append(
         "logferry records are Avro LogEntry values (line + host, timestamps); the peers send the bare line. "
         "ProducerPerformance CPU/RSS include JVM start-up."
