@@ -258,10 +258,10 @@ class Agent:
     # ---- the main loop ----------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        # `pin_to_cpu`: this thread and every thread it starts from here (sources, sink, metrics) on
-        # one CPU; the sink makes its producers on the CPUs this thread had.
-        self._free_cpus = affinity.pin_calling_thread(self.config.agent.pin_to_cpu)
         try:
+            # `pin_to_cpu`: this thread and every thread it starts from here (sources, sink, metrics)
+            # on one CPU; the sink makes its producers on the CPUs this thread had.
+            self._free_cpus = affinity.pin_calling_thread(self.config.agent.pin_to_cpu)
             self._start()
             while True:
                 self._wakeup.wait(TICK)
@@ -393,6 +393,8 @@ class Agent:
         for section in ("kafka", "sink", "buffer", "metrics"):
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("SIGHUP: changes to [%s] take effect only after a restart", section)
+        if new.agent.pin_to_cpu != self.config.agent.pin_to_cpu:
+            log.warning("SIGHUP: a change of agent.pin_to_cpu takes effect only after a restart")
         old_pipeline = self.pipeline
         assert old_pipeline is not None
         self.config = new

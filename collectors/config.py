@@ -157,8 +157,8 @@ class AgentSettings(StrictModel):
     # else ~/.local/state/logferry/agent (collectors.fsutil.default_state_dir).
     state_dir: Path | None = None
     # Run the source and sink threads on this one CPU (logferry/affinity.py); the Kafka producer's
-    # threads keep the CPUs the process had. Unset: the kernel places them. Give each pinned process
-    # its own CPU.
+    # threads keep the CPUs of the thread that called run(). Unset: the kernel places them. Give each
+    # pinned process its own CPU. A change takes effect at the next start, not on SIGHUP.
     pin_to_cpu: int | None = Field(None, ge=0)
 
     @field_validator("pin_to_cpu")

@@ -245,8 +245,8 @@ class KafkaSink:
         self.produced_total = 0
         KAFKA_CONNECTED.set(0)
 
-    def _new_producer(self) -> Producer:
-        if self.counted is None:
+    def _new_producer(self, every_delivery: bool = False) -> Producer:
+        if every_delivery or self.counted is None:
             # Some source checkpoints on acknowledgements (a file; the spool): a delivery timeout would
             # settle an outage's entries as failures and move its checkpoint past them. They wait for
             # Kafka instead (librdkafka's 0 = until delivered); only what Kafka refuses for good fails.
@@ -340,8 +340,8 @@ class KafkaSink:
         self._flush_tallies()
         if len(old):
             return False
+        self.producer = self._new_producer(every_delivery=True)  # made first: if it fails, the switch is tried again
         self.counted = None
-        self.producer = self._new_producer()
         old.close()
         log.info("Kafka sink: a source wants acknowledgements; every delivery is reported from now on")
         return True

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from logferry import affinity
 from logferry.collectors.agent import Agent
 from logferry.collectors.buffer import Buffer
 from logferry.collectors.config import AgentConfig, SinkSettings
@@ -25,7 +26,15 @@ pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason=f"this process may use 
 
 def python_threads() -> dict[str, set[int]]:
     """This process's Python threads by name and the CPUs each may run on."""
-    return {t.name: os.sched_getaffinity(t.native_id) for t in threading.enumerate() if t.native_id is not None}
+    out = {}
+    for t in threading.enumerate():
+        if t.native_id is None:
+            continue  # not started
+        try:
+            out[t.name] = os.sched_getaffinity(t.native_id)
+        except OSError:
+            continue  # ended meanwhile
+    return out
 
 
 def kafka_threads() -> dict[str, set[int]]:
@@ -103,3 +112,23 @@ def test_a_producer_the_pinned_sink_thread_makes_starts_its_threads_on_the_free_
 def test_a_cpu_the_agent_may_not_use_is_refused_with_the_config():
     with pytest.raises(Exception, match="may run on CPUs"):
         validate(AgentConfig, {"agent": {"pin_to_cpu": CPU + 1}})
+
+
+def test_a_reload_on_the_pinned_thread_checks_the_cpu_against_the_process_cpus():
+    """SIGHUP re-validates the config on the agent's (pinned) thread: another CPU of the process is fine."""
+    other = min(ALLOWED)
+    checked: dict[str, object] = {}
+
+    def pinned_reload() -> None:
+        before = affinity.pin_calling_thread(CPU)
+        try:
+            checked["config"] = validate(AgentConfig, {"agent": {"pin_to_cpu": other}})
+        except Exception as e:
+            checked["error"] = e
+        finally:
+            affinity.restore(before)
+
+    t = threading.Thread(target=pinned_reload)
+    t.start()
+    t.join()
+    assert "error" not in checked, checked

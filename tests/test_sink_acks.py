@@ -57,3 +57,27 @@ def test_entries_purged_at_shutdown_are_not_acknowledged(unreachable):
     sink.close()  # purges the five: counted as failures, but the file must read them again
     assert sink.failed_total == 5
     assert acked == []
+
+
+def test_a_failed_switch_to_per_delivery_reports_is_tried_again(unreachable, monkeypatch):
+    """The sink makes a new producer when a source starts wanting acknowledgements; if making it
+    fails, the sink must keep the counting producer and try again, not report nothing for good."""
+    from logferry.collectors import sink as sink_module
+
+    sink = KafkaSink(unreachable, SinkSettings(), Buffer(100, 1 << 20))
+    first = sink.producer
+    real, failures = sink_module.Producer, [1]
+
+    def flaky(config):
+        if failures:
+            failures.pop()
+            raise RuntimeError("librdkafka could not start a producer")
+        return real(config)
+
+    monkeypatch.setattr(sink_module, "Producer", flaky)
+    sink.start()
+    sink.set_ack("f", lambda tokens: None)
+    wait_until(lambda: sink.producer is not first, what="the per-delivery producer, made on a second try")
+    assert sink.counted is None and not failures
+    sink.stop_now()
+    sink.close()
