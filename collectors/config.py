@@ -14,9 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from logferry.affinity import check_cpu
 from logferry.collectors.spill import SpoolSettings
-from logferry.config import StrictModel
+from logferry.config import PinToCpu, StrictModel
 from logferry.kafka import KafkaSettings
 
 ParserKind = Literal["raw", "json", "syslog", "logfmt", "regex"]
@@ -159,14 +158,7 @@ class AgentSettings(StrictModel):
     # Run the source and sink threads on this one CPU (logferry/affinity.py); the Kafka producer's
     # threads keep the CPUs of the thread that called run(). Unset: the kernel places them. Give each
     # pinned process its own CPU. A change takes effect at the next start, not on SIGHUP.
-    pin_to_cpu: int | None = Field(None, ge=0)
-
-    @field_validator("pin_to_cpu")
-    @classmethod
-    def _cpu_allowed(cls, cpu: int | None) -> int | None:
-        if cpu is not None:
-            check_cpu(cpu)
-        return cpu
+    pin_to_cpu: PinToCpu = None
 
 
 class AgentConfig(StrictModel):

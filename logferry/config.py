@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from logferry.affinity import check_cpu
 from logferry.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -22,6 +23,16 @@ class StrictModel(BaseModel):
     """Base for every config section: a typo in a key is an error, not a silent default."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
+
+
+def _allowed_cpu(cpu: int | None) -> int | None:
+    if cpu is not None:
+        check_cpu(cpu)
+    return cpu
+
+
+# `pin_to_cpu` of the agent and the processor: a CPU this process may run on (logferry/affinity.py).
+PinToCpu = Annotated[int | None, Field(ge=0), AfterValidator(_allowed_cpu)]
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from logferry.affinity import check_cpu
-from logferry.config import StrictModel
+from logferry.config import PinToCpu, StrictModel
 from logferry.kafka import KafkaSettings
 
 
@@ -44,7 +43,7 @@ class ProcessorSection(StrictModel):
     # clients' threads keep the CPUs of the thread that called run(). Threads a handler starts, or
     # clients it makes lazily, inherit the pin. Leave unset when handlers do parallel work in C that
     # releases the GIL (compression, numpy), or when other busy processes are pinned to the same CPU.
-    pin_to_cpu: int | None = Field(None, ge=0)
+    pin_to_cpu: PinToCpu = None
     # Backlog inside the process: pause every partition at `max_in_flight`, resume at `resume_at`.
     max_in_flight: int = Field(2_000, ge=1)
     resume_at: int | None = Field(None, ge=0)  # default: half of max_in_flight
@@ -75,13 +74,6 @@ class ProcessorSection(StrictModel):
     output_topic: str | None = None
     # Stable per member across restarts (transactional.id); default: the host name.
     member_id: str | None = None
-
-    @field_validator("pin_to_cpu")
-    @classmethod
-    def _cpu_allowed(cls, cpu: int | None) -> int | None:
-        if cpu is not None:
-            check_cpu(cpu)
-        return cpu
 
     @model_validator(mode="after")
     def _check(self) -> ProcessorSection:

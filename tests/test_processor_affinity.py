@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import re
 import threading
-from pathlib import Path
 
 import pytest
+from affinity_support import ALLOWED, CPU, kafka_threads, needs_two_cpus
 from processor_support import entry, produce, wait_for
 
 from logferry.errors import ConfigError
@@ -15,24 +15,6 @@ from logferry.processors import Processor
 from logferry.processors.runtime import Hooks
 
 pytestmark = pytest.mark.kafka
-
-ALLOWED = os.sched_getaffinity(0)
-CPU = max(ALLOWED)
-# With one CPU allowed, pinned and unpinned threads look the same: nothing here could fail.
-needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason=f"this process may use one CPU only ({sorted(ALLOWED)})")
-
-
-def kafka_threads() -> dict[str, set[int]]:
-    """librdkafka's threads in this process (named rdk:…) and the CPUs each may run on."""
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            if name.startswith("rdk:"):
-                out[f"{name}/{task.name}"] = os.sched_getaffinity(int(task.name))
-        except OSError:
-            continue  # ended meanwhile
-    return out
 
 
 def run_recording(app: Processor) -> tuple[threading.Thread, dict[str, object]]:
