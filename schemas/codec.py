@@ -50,6 +50,7 @@ class Codec:
         # equal one in `known`.
         if self.fingerprint == WRITTEN_FOR and schema == schema_json():
             own = EntryDecoder(own)
+        self._decode_own = own
         self._decoders: dict[str, Callable[[bytes], LogEntry]] = {self.fingerprint: own}
         for s in known:
             parsed = parse_schema(s)
@@ -65,7 +66,7 @@ class Codec:
 
     def decode(self, value: bytes, headers: Headers = None) -> LogEntry:
         if headers == self.headers:  # what this codec writes, nearly every record: no header search
-            return self._decoders[self.fingerprint](value)
+            return self._decode_own(value)
         fp = header(headers, FINGERPRINT_HEADER)
         decode = self._decoders.get(self.fingerprint if fp is None else fp)
         if decode is None:
