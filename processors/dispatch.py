@@ -220,7 +220,8 @@ class ThreadDispatcher:
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t.ident is not None:  # started (a runtime that failed before start() stops them too)
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 class InlineDispatcher:
@@ -385,3 +386,5 @@ class AsyncDispatcher:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(_stop)
             self._thread.join(timeout)
+        elif self._thread.ident is None:  # never started: _serve would have closed the loop
+            self.loop.close()

@@ -211,14 +211,17 @@ class Runtime:
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> None:
-        self._ensure_topics()
-        # `pin_to_cpu`: pinned once every Kafka client exists, so their threads stay free; the
-        # workers start next and inherit it.
-        cpus = affinity.pin_calling_thread(self.s.pin_to_cpu)
         try:
-            self._run()
-        finally:
-            affinity.restore(cpus)
+            self._ensure_topics()
+            # `pin_to_cpu`: pinned once every Kafka client exists, so their threads stay free; the
+            # workers start next and inherit it.
+            cpus = affinity.pin_calling_thread(self.s.pin_to_cpu)
+            try:
+                self._run()
+            finally:
+                affinity.restore(cpus)
+        finally:  # also when the topics or the workers could not be set up: no client left open
+            self._close()
 
     def _run(self) -> None:
         self.dispatcher.start()
@@ -228,21 +231,18 @@ class Runtime:
         )  # fmt: skip
         next_commit = time.monotonic() + self.s.commit_interval
         next_lag = time.monotonic() + LAG_EVERY
-        try:
-            while not self.stop_event.is_set():
-                self._step()
-                now = time.monotonic()
-                if now >= next_commit:
-                    self.commit(sync=False)
-                    next_commit = now + self.s.commit_interval
-                if now >= next_lag:
-                    self._export_lag()
-                    next_lag = now + LAG_EVERY
-                if self.hooks.on_poll is not None:
-                    self.hooks.on_poll(self)
-            self._drain()
-        finally:
-            self._close()
+        while not self.stop_event.is_set():
+            self._step()
+            now = time.monotonic()
+            if now >= next_commit:
+                self.commit(sync=False)
+                next_commit = now + self.s.commit_interval
+            if now >= next_lag:
+                self._export_lag()
+                next_lag = now + LAG_EVERY
+            if self.hooks.on_poll is not None:
+                self.hooks.on_poll(self)
+        self._drain()
 
     def _step(self) -> None:
         paused_all = bool(self.pauses.global_reasons)

@@ -6,6 +6,7 @@ gather librdkafka instances, their threads and their connections."""
 from __future__ import annotations
 
 import pytest
+from confluent_kafka import KafkaException
 from processor_support import Running
 
 from logferry.processors import Processor
@@ -33,3 +34,35 @@ def test_every_producer_of_a_stopped_processor_is_closed(kafka_bootstrap, make_t
             assert "closed" in str(e), (name, e)
         else:
             pytest.fail(f"the {name} producer is still open")
+
+
+@pytest.mark.parametrize(("exactly_once", "asynchronous"), [(False, False), (False, True), (True, False)])
+def test_a_processor_that_cannot_set_up_its_topics_closes_every_client(
+    kafka_bootstrap, make_topic, group_id, exactly_once, asynchronous
+):
+    """The broker refuses the dead-letter topic the runtime creates before it subscribes (a legal
+    name, but Kafka keeps `a.b` and `a_b` apart): run() raises that refusal, and the consumer and
+    producers it had made are closed, not leaked."""
+    src = make_topic()
+    taken = make_topic(prefix="dead_letters")
+    dlq = taken.replace("_", ".")
+    out = make_topic(prefix="out") if exactly_once else None
+    app = Processor(group_id, [src], bootstrap_servers=kafka_bootstrap, dead_letter_topic=dlq,
+                    exactly_once=exactly_once, output_topic=out)  # fmt: skip
+
+    async def handle_async(_entry, _ctx):
+        return None
+
+    app.handler(handle_async if asynchronous else lambda _entry, _ctx: None)
+    with pytest.raises(KafkaException, match="collides"):
+        app.run(install_signals=False)
+    runtime = app._runtime
+    assert runtime is not None
+    if asynchronous:  # the never-started worker loop's own file descriptors
+        assert runtime.dispatcher.loop.is_closed()  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="closed"):
+        runtime.consumer.consume(1, 0)
+    producers = [runtime.producer, runtime.txn] if exactly_once else [runtime.producer]  # type: ignore[attr-defined]
+    for producer in producers:
+        with pytest.raises(RuntimeError, match="closed"):
+            producer.produce(src, b"after the failed start")
