@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from logferry.collectors.spill import SpoolSettings
-from logferry.config import PinToCpu, StrictModel
+from logferry.config import PinToCpu, StrictModel, topic_problem
 from logferry.kafka import KafkaSettings
 
 ParserKind = Literal["raw", "json", "syslog", "logfmt", "regex"]
@@ -108,7 +108,8 @@ class FilterSettings(StrictModel):
 class RouteSettings(StrictModel):
     # Placeholders name entry fields or attributes: "logs.{service}", "logs.{host}.{level}".
     topic: str = "logs"
-    default_value: str = "unknown"  # what a placeholder becomes when the field is missing
+    # What a placeholder becomes when the field is missing (entry values are made topic-safe; this is checked).
+    default_value: str = Field("unknown", pattern=r"^[A-Za-z0-9._-]+$")
     priority_topic: str | None = None  # entries at or above priority_level go here
     priority_level: Level = "error"
 
@@ -123,6 +124,11 @@ class RouteSettings(StrictModel):
             raise ValueError(f"bad topic template {v!r}: {e}") from None
         if any(not n or not re.fullmatch(r"[A-Za-z_][\w.-]*", n) for n in names):
             raise ValueError(f"bad topic template {v!r}: placeholders are field names like {{service}}")
+        # The template's own text must be legal: Kafka would refuse every entry routed to it.
+        # (A rendered topic is cut to Kafka's length limit: only a fixed name's length is checked.)
+        literal = "".join(text + ("x" if name else "") for text, name, _, _ in string.Formatter().parse(v))
+        if (problem := topic_problem(literal[:249] if names else literal)) is not None:
+            raise ValueError(f"bad topic template {v!r}: {problem}")
         return v
 
 

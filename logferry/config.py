@@ -7,6 +7,7 @@ strict base model, the loader, and error messages that name the key and the prob
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -33,6 +34,35 @@ def _allowed_cpu(cpu: int | None) -> int | None:
 
 # `pin_to_cpu` of the agent and the processor: a CPU this process may run on (logferry/affinity.py).
 PinToCpu = Annotated[int | None, Field(ge=0), AfterValidator(_allowed_cpu)]
+
+
+# Kafka's own rule (org.apache.kafka.common.internals.Topic): 1 to 249 ASCII letters, digits, '.', '_', '-'.
+_TOPIC_CHARS = re.compile(r"[a-zA-Z0-9._-]+")
+TOPIC_MAX = 249
+
+
+def topic_problem(name: str) -> str | None:
+    """Why Kafka would refuse `name` as a topic name, or None: said at config time, not at the first send."""
+    if not name:
+        return "a topic name cannot be empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a topic name Kafka allows"
+    if len(name) > TOPIC_MAX:
+        return f"topic name {name[:40]!r}… is {len(name)} characters; Kafka allows {TOPIC_MAX}"
+    if not _TOPIC_CHARS.fullmatch(name):
+        bad = "".join(sorted({c for c in name if not _TOPIC_CHARS.fullmatch(c)}))
+        return f"topic name {name!r} has {bad!r}; Kafka allows only ASCII letters, digits, '.', '_' and '-'"
+    return None
+
+
+def _legal_topic(name: str) -> str:
+    if (problem := topic_problem(name)) is not None:
+        raise ValueError(problem)
+    return name
+
+
+# A topic name as Kafka accepts it (a template with placeholders is checked where it is rendered).
+TopicName = Annotated[str, AfterValidator(_legal_topic)]
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:

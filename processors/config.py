@@ -10,8 +10,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from logferry.config import PinToCpu, StrictModel
+from logferry.config import PinToCpu, StrictModel, TopicName, topic_problem
 from logferry.kafka import KafkaSettings
+from logferry.processors.failures import retry_topic
 
 
 class MetricsSettings(StrictModel):
@@ -29,9 +30,9 @@ class FilterSettings(StrictModel):
 
 class ProcessorSection(StrictModel):
     group: str = Field(min_length=1)
-    topics: list[str] = Field(min_length=1)
+    topics: list[TopicName] = Field(min_length=1)
     # Served only when the `topics` have no work waiting (priority).
-    low_priority_topics: list[str] = Field(default_factory=list)
+    low_priority_topics: list[TopicName] = Field(default_factory=list)
     handler: str | None = None  # "pkg.module:function"
     builtin: Literal["stats", "archive", "forward"] | None = None
     ordering: Literal["key", "partition", "unordered"] = "key"
@@ -58,7 +59,7 @@ class ProcessorSection(StrictModel):
     backoff_initial: float = Field(0.1, ge=0)
     backoff_max: float = Field(10.0, ge=0)
     retry_delays: list[float] = Field(default_factory=list)  # seconds; topics <topic>.retry.<delay>
-    dead_letter_topic: str | None = None  # default "<group>.dlq"
+    dead_letter_topic: TopicName | None = None  # default "<group>.dlq"
     filter: FilterSettings = Field(default_factory=FilterSettings)
     commit_interval: float = Field(1.0, gt=0)
     shutdown_grace: float = Field(10.0, ge=0)  # SIGTERM: time for in-flight work before giving up
@@ -68,10 +69,10 @@ class ProcessorSection(StrictModel):
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     # Live replay: follow `logferry replay` commands on this topic (processors/control.py).
     live_replay: bool = True
-    control_topic: str = Field("logferry.control", min_length=1)
+    control_topic: TopicName = "logferry.control"
     # Exactly-once: handler results go to `output_topic` in one transaction with the consumed offsets.
     exactly_once: bool = False
-    output_topic: str | None = None
+    output_topic: TopicName | None = None
     # Stable per member across restarts (transactional.id); default: the host name.
     member_id: str | None = None
 
@@ -83,6 +84,13 @@ class ProcessorSection(StrictModel):
             raise ValueError("revoke_grace must be shorter than max_poll_interval_ms")
         if self.exactly_once and not self.output_topic:
             raise ValueError("exactly_once needs an output_topic for the handler's results")
+        # Topics named after others: refused here rather than by the broker when the member starts.
+        if self.dead_letter_topic is None and (problem := topic_problem(self.dlq_topic)):
+            raise ValueError(f"the dead-letter topic named after the group: {problem}; set dead_letter_topic")
+        for topic in [*self.topics, *self.low_priority_topics]:
+            for delay in self.retry_delays:
+                if problem := topic_problem(retry_topic(topic, delay)):
+                    raise ValueError(f"retry topic of {topic!r} after {delay:g} s: {problem}")
         return self
 
     @property
@@ -100,7 +108,7 @@ class ArchiveSettings(StrictModel):
 
 
 class ForwardSettings(StrictModel):
-    topic: str
+    topic: TopicName
     filter: FilterSettings = Field(default_factory=FilterSettings)
 
 
