@@ -5,7 +5,9 @@ same broker with the agent's producer settings: acks=all, enable.idempotence=tru
 compression.type=zstd, linger.ms and batch.size from the agent's `SinkSettings` defaults.
 
 - logferry agent: `logferry collect --source unix:SOCK` in its own process; the generator
-  writes the lines over a few unix stream connections.
+  writes the lines over a few unix stream connections. Also pinned (`--pin-to-cpu`), and as two
+  agents pinned to two CPUs, each fed half the lines over half the connections: how an agent
+  uses more than the one core its GIL allows.
 - Kafka ProducerPerformance (from the broker's jars) with `--payload-file` of the same lines.
 - rsyslog + omkafka: its own rsyslogd instance (tmp config, pid and work dir), fed by the
   same generator through `imptcp` listening on a unix socket, `%rawmsg%` template.
@@ -40,7 +42,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -74,7 +77,7 @@ from logferry.broker.local import java_command
 from logferry.collectors.config import SinkSettings
 from logferry.collectors.profiling import ENV as PROFILE_ENV
 
-PEERS = ("logferry", "logferry-pinned", "producer-perf", "rsyslog", "kcat", "python-loop")
+PEERS = ("logferry", "logferry-pinned", "logferry-x2", "producer-perf", "rsyslog", "kcat", "python-loop")
 APT = {"rsyslog": ("rsyslog-kafka", "rsyslogd"), "kcat": ("kcat", "kcat")}  # peer: (package, binary)
 SINK = SinkSettings()
 
@@ -138,16 +141,19 @@ def daemon(cmd: list[str], ready: Callable[[], bool], log: Path, env: dict[str, 
                 proc.wait()
 
 
-def timed_feed(bootstrap: str, topic: str, proc: subprocess.Popen[bytes], sock: Path, lines: list[bytes],
-               total: int, clients: int) -> Sample:  # fmt: skip
-    """Feed a running daemon through its socket; stop the clock when Kafka holds every line."""
-    cpu0, _ = proc_stats(proc.pid)
+def timed_feed(bootstrap: str, topic: str, procs: list[subprocess.Popen[bytes]], socks: list[Path],
+               lines: list[bytes], total: int, clients: int) -> Sample:  # fmt: skip
+    """Feed running daemons through their sockets, the lines and clients split evenly between them;
+    stop the clock when Kafka holds every line. CPU and peak RSS are the daemons' together."""
+    cpu0 = sum(proc_stats(p.pid)[0] for p in procs)
+    share, each = total // len(socks), max(1, clients // len(socks))
     t0 = time.perf_counter()
-    sent = feed_unix(sock, lines, total, clients)
+    with ThreadPoolExecutor(len(socks)) as pool:  # a feeder's failure is raised here, not lost in a thread
+        sent = sum(pool.map(lambda sock: feed_unix(sock, lines, share, each), socks))
     wait_delivered(bootstrap, topic, sent)
     seconds = time.perf_counter() - t0
-    cpu1, rss = proc_stats(proc.pid)
-    return Sample(sent, seconds, cpu1 - cpu0, rss)
+    stats = [proc_stats(p.pid) for p in procs]
+    return Sample(sent, seconds, sum(cpu for cpu, _ in stats) - cpu0, sum(rss for _, rss in stats))
 
 
 def wait_delivered(bootstrap: str, topic: str, total: int, stall: float = 30) -> None:
@@ -179,15 +185,17 @@ def agent(
         yield proc
 
 
-def run_agent(
-    bootstrap: str, lines: list[bytes], total: int, clients: int, profile: Path | None, pin_to_cpu: int | None = None
+def run_agents(
+    bootstrap: str, lines: list[bytes], total: int, clients: int, profile: Path | None, pins: Sequence[int | None]
 ) -> Sample:
+    """One agent per entry of `pins` (its `pin_to_cpu`), each on its own socket, all into one topic."""
     topic = new_topic(bootstrap, "bench-agent")
-    with (
-        tempfile.TemporaryDirectory(prefix="lf-bench-agent-") as tmp,
-        agent(bootstrap, topic, Path(tmp), profile, pin_to_cpu) as p,
-    ):
-        return timed_feed(bootstrap, topic, p, Path(tmp) / "agent.sock", lines, total, clients)
+    with contextlib.ExitStack() as stack:
+        works = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lf-bench-agent-"))) for _ in pins]
+        procs = [
+            stack.enter_context(agent(bootstrap, topic, w, profile, pin)) for w, pin in zip(works, pins, strict=True)
+        ]
+        return timed_feed(bootstrap, topic, procs, [w / "agent.sock" for w in works], lines, total, clients)
 
 
 def run_rsyslog(bootstrap: str, lines: list[bytes], total: int, clients: int) -> Sample:
@@ -208,7 +216,7 @@ action(type="omkafka" broker=[{brokers}] topic="{topic}" template="raw" confPara
 """)
         cmd = ["rsyslogd", "-n", "-f", str(work / "rsyslog.conf"), "-i", str(work / "rsyslogd.pid")]
         with daemon(cmd, sock.exists, work / "rsyslog.log", cwd=work) as proc:
-            return timed_feed(bootstrap, topic, proc, sock, lines, total, clients)
+            return timed_feed(bootstrap, topic, [proc], [sock], lines, total, clients)
 
 
 def run_kcat(bootstrap: str, lines: list[bytes], total: int) -> Sample:
@@ -366,8 +374,12 @@ def measure(
          "producer": producer_props(), "full": full},
         {},
     )  # fmt: skip
-    ours = ("logferry", "logferry-pinned", "producer-perf", "python-loop")
+    ours = ("logferry", "logferry-pinned", "logferry-x2", "producer-perf", "python-loop")
     chosen = [p for p in peers if p in ours or ensure_peer(p, report, install)]
+    cpus = sorted(os.sched_getaffinity(0))
+    if "logferry-x2" in chosen and len(cpus) < 2:
+        chosen.remove("logferry-x2")
+        report.skip("logferry-x2", f"two agents pinned to two CPUs, but this process may use only CPU {cpus[0]}")
     for p in PEERS:
         if p not in peers:
             report.skip(p, "not selected with --peers")
@@ -376,14 +388,16 @@ def measure(
     names = {
         "logferry": "logferry agent (unix socket)",
         "logferry-pinned": "logferry agent (unix socket), pin_to_cpu",
+        "logferry-x2": "2 logferry agents, one per CPU (pin_to_cpu)",
         "producer-perf": "Kafka ProducerPerformance",
         "rsyslog": "rsyslog imptcp → omkafka",
         "kcat": "kcat -P -l file",
         "python-loop": "confluent-kafka produce() loop (Python ceiling)",
     }
     sides: dict[str, Callable[[], Sample]] = {
-        "logferry": lambda: run_agent(bootstrap, lines, entries, clients, profile),
-        "logferry-pinned": lambda: run_agent(bootstrap, lines, entries, clients, None, max(os.sched_getaffinity(0))),
+        "logferry": lambda: run_agents(bootstrap, lines, entries, clients, profile, [None]),
+        "logferry-pinned": lambda: run_agents(bootstrap, lines, entries, clients, None, [cpus[-1]]),
+        "logferry-x2": lambda: run_agents(bootstrap, lines, entries, clients, None, cpus[-2:]),
         "producer-perf": lambda: run_producer_performance(bootstrap, lines, entries, kafka_version),
         "rsyslog": lambda: run_rsyslog(bootstrap, lines, entries, clients),
         "kcat": lambda: run_kcat(bootstrap, lines, entries),
@@ -394,13 +408,15 @@ def measure(
         alternate({p: sides[p] for p in chosen}, runs, repeat)
     report.runs = list(runs.values())
     targets = {"producer-perf": 0.7, "rsyslog": 1.0, "kcat": None, "python-loop": None}
-    for agent_side, label in (("logferry", "logferry"), ("logferry-pinned", "logferry pin_to_cpu")):
+    for agent_side, label in (("logferry", "logferry"), ("logferry-pinned", "logferry pin_to_cpu"),
+                              ("logferry-x2", "2 logferry agents")):  # fmt: skip
         for p, target in targets.items():
             if agent_side in runs and p in runs:
                 report.ratios.append(ratio(f"{label} / {names[p]}", runs[agent_side], runs[p], target))
     report.notes.append(
         "logferry records are Avro LogEntry values (line + host, timestamps); the peers send the bare line. "
-        "ProducerPerformance CPU/RSS include JVM start-up."
+        "ProducerPerformance CPU/RSS include JVM start-up. Two agents: each on its own socket with half "
+        "the clients and lines, one topic; CPU and RSS are both processes' together."
     )
     if "python-loop" in runs and "rsyslog" in runs:
         report.notes.append(
