@@ -108,8 +108,7 @@ class FilterSettings(StrictModel):
 class RouteSettings(StrictModel):
     # Placeholders name entry fields or attributes: "logs.{service}", "logs.{host}.{level}".
     topic: str = "logs"
-    # What a placeholder becomes when the field is missing (entry values are made topic-safe; this is checked).
-    default_value: str = Field("unknown", pattern=r"^[A-Za-z0-9._-]+$")
+    default_value: str = "unknown"  # what a placeholder becomes when the field is missing (made topic-safe too)
     priority_topic: str | None = None  # entries at or above priority_level go here
     priority_level: Level = "error"
 
@@ -119,15 +118,18 @@ class RouteSettings(StrictModel):
         if v is None:
             return v
         try:
-            names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+            parts = list(string.Formatter().parse(v))
         except ValueError as e:
             raise ValueError(f"bad topic template {v!r}: {e}") from None
-        if any(not n or not re.fullmatch(r"[A-Za-z_][\w.-]*", n) for n in names):
-            raise ValueError(f"bad topic template {v!r}: placeholders are field names like {{service}}")
+        fields = [(name, conversion, spec) for _, name, spec, conversion in parts if name is not None]
+        if any(not n or not re.fullmatch(r"[A-Za-z_][\w.-]*", n) or c or s for n, c, s in fields):
+            raise ValueError(
+                f"bad topic template {v!r}: placeholders are bare field names like {{service}} (no !r or :spec)"
+            )
         # The template's own text must be legal: Kafka would refuse every entry routed to it.
         # (A rendered topic is cut to Kafka's length limit: only a fixed name's length is checked.)
-        literal = "".join(text + ("x" if name else "") for text, name, _, _ in string.Formatter().parse(v))
-        if (problem := topic_problem(literal[:249] if names else literal)) is not None:
+        literal = "".join(text + ("x" if name else "") for text, name, _, _ in parts)
+        if (problem := topic_problem(literal[:249] if fields else literal)) is not None:
             raise ValueError(f"bad topic template {v!r}: {problem}")
         return v
 

@@ -47,6 +47,8 @@ def topic_router(template: str, missing: str) -> Callable[[LogEntry], str]:
     if not names:
         return lambda _e: template
     getters = {n: field_getter(n) for n in names}
+    # Rendered by hand, not str.format: a dotted attribute name ({k8s.namespace}) is one field here.
+    parts = [(text, name) for text, name, _, _ in string.Formatter().parse(template)]
     cache: dict[tuple[str | None, ...], str] = {}
 
     def route(e: LogEntry) -> str:
@@ -55,7 +57,7 @@ def topic_router(template: str, missing: str) -> Callable[[LogEntry], str]:
         if topic is None:
             pairs = zip(getters, values, strict=True)
             safe_values = {n: _TOPIC_UNSAFE.sub("_", v or missing) or missing for n, v in pairs}
-            topic = template.format(**safe_values)[:249]
+            topic = "".join(text + (safe_values[name] if name else "") for text, name in parts)[:249]
             if len(cache) < 10_000:
                 cache[values] = topic
         return topic

@@ -6,13 +6,16 @@ so the Python API and the TOML file cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from logferry.config import PinToCpu, StrictModel, TopicName, topic_problem
 from logferry.kafka import KafkaSettings
 from logferry.processors.failures import retry_topic
+
+# Seconds before a delayed retry; finite, as it names a topic (<topic>.retry.5s).
+RetryDelay = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class MetricsSettings(StrictModel):
@@ -58,7 +61,7 @@ class ProcessorSection(StrictModel):
     retries: int = Field(3, ge=0)
     backoff_initial: float = Field(0.1, ge=0)
     backoff_max: float = Field(10.0, ge=0)
-    retry_delays: list[float] = Field(default_factory=list)  # seconds; topics <topic>.retry.<delay>
+    retry_delays: list[RetryDelay] = Field(default_factory=list)  # seconds; topics <topic>.retry.<delay>
     dead_letter_topic: TopicName | None = None  # default "<group>.dlq"
     filter: FilterSettings = Field(default_factory=FilterSettings)
     commit_interval: float = Field(1.0, gt=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from logferry.config import validate
 from logferry.errors import ConfigError
 from logferry.kafka import KafkaSettings
 from logferry.metrics import REPLAYS
@@ -72,7 +73,8 @@ def apply_replay_options(
         if as_group == section.group:
             raise ConfigError(f"--as-group {as_group!r} is the processor's own group; name a different group")
         # A side group rebuilds beside the live one: its failures get their own dead-letter topic too.
-        section = section.model_copy(update={"group": as_group})
+        # Validated again: names derived from the group (its dead-letter topic) must be legal too.
+        section = validate(ProcessorSection, {**section.model_dump(), "group": as_group}, f"--as-group {as_group!r}")
     since = replay_time_ms(replay_from, replay_by)
     if since is not None:
         claim_replay(kafka, section.group, [*section.topics, *section.low_priority_topics], since)

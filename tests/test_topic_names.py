@@ -8,10 +8,13 @@ from confluent_kafka.admin import NewTopic
 from conftest import unique
 
 from logferry.collectors.config import AgentConfig
+from logferry.collectors.pipeline import make_router
 from logferry.config import TOPIC_MAX, topic_problem, validate
 from logferry.errors import ConfigError
+from logferry.kafka import KafkaSettings
 from logferry.processors import Processor
 from logferry.processors.config import ProcessorConfig
+from logferry.processors.replay import apply_replay_options
 
 
 def _padded(prefix: str, length: int) -> str:
@@ -84,7 +87,9 @@ def test_processor_api_refuses_before_making_a_client():
         ({"topic": "logs/{service}"}, "'/'"),
         ({"topic": "logs", "priority_topic": "alerts!"}, "'!'"),
         ({"topic": "x" * (TOPIC_MAX + 1)}, "characters"),
-        ({"topic": "logs.{service}", "default_value": "not known"}, "default_value"),
+        ({"topic": "logs.{service!r}"}, "bare field names"),  # would render logs.'api'
+        ({"topic": "logs.{service:>20}"}, "bare field names"),  # would pad with spaces
+        ({"topic": "logs.{{service}}"}, "'{}'"),  # escaped braces are literal braces
     ],
 )
 def test_agent_route_refuses_a_topic_kafka_would(route, said):
@@ -96,9 +101,38 @@ def test_agent_route_refuses_a_topic_kafka_would(route, said):
 
 @pytest.mark.parametrize(
     "route",
-    [{"topic": "logs.{service}"}, {"topic": "{service}" + "x" * TOPIC_MAX}, {"topic": "app-logs_2.raw"}],
-)
+    [
+        {"topic": "logs.{service}"}, {"topic": "{service}" + "x" * TOPIC_MAX}, {"topic": "app-logs_2.raw"},
+        {"topic": "logs.{service}", "default_value": "n/a"},  # made topic-safe like any value
+    ],
+)  # fmt: skip
 def test_agent_route_accepts_legal_templates(route):
     """Placeholders are made topic-safe and a rendered topic is cut to the limit, so these are fine."""
     config = validate(AgentConfig, {"sources": [{"kind": "stdin"}], "route": route}, "a.toml")
     assert config.route.topic == route["topic"]
+
+
+def test_a_template_renders_dotted_attributes_and_safe_defaults():
+    """An attribute name with dots is one field (str.format would read `k8s.namespace` as k8s's
+    attribute), and a missing value becomes the default, made topic-safe like any value."""
+    config = validate(AgentConfig, {"sources": [{"kind": "stdin"}], "route": {
+        "topic": "logs.{k8s.namespace}.{service}", "default_value": "n/a"}}, "a.toml")  # fmt: skip
+    route = make_router(config.route)
+    entry = {"service": "api gw", "level": "info", "attributes": {"k8s.namespace": "prod"}}
+    assert route(entry) == "logs.prod.api_gw"
+    assert route({"service": None, "level": "info", "attributes": {}}) == "logs.n_a.n_a"
+    assert topic_problem(route(entry)) is None
+
+
+def test_retry_delays_must_be_finite():
+    for delay in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ConfigError, match=r"processor\.retry_delays\.0"):
+            validate(ProcessorConfig, {"processor": {"group": "g", "topics": ["t"], "retry_delays": [delay]}}, "p")
+
+
+def test_a_side_group_is_checked_before_its_replay_is_claimed():
+    """`--as-group` names the dead-letter topic too; refused before any offset of that group is
+    touched (no broker at this address: a claim would fail differently)."""
+    section = validate(ProcessorConfig, {"processor": {"group": "g", "topics": ["t"]}}, "p").processor
+    with pytest.raises(ConfigError, match="--as-group 'night shift'"):
+        apply_replay_options(KafkaSettings(bootstrap_servers="127.0.0.1:1"), section, None, "PT30M", "night shift")
