@@ -26,6 +26,7 @@ import logging
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -145,8 +146,14 @@ class ExactlyOnceRuntime(Runtime):
         })  # fmt: skip
         self.max_message_bytes = int(txn_config.get("message.max.bytes", 1_000_000))
         self.txn = Producer(txn_config)
-        # Fences a predecessor with the same id and aborts its open transaction, if any.
-        self.txn.init_transactions(TXN_TIMEOUT)
+        try:
+            # Fences a predecessor with the same id and aborts its open transaction, if any.
+            self.txn.init_transactions(TXN_TIMEOUT)
+        except BaseException:  # e.g. no coordinator within the timeout: the clients made so far close
+            with warnings.catch_warnings():  # close() cannot abort the unfinished init: it would only say so
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self._close()
+            raise
         log.info("exactly-once: transactional.id %s, results to %s", self.transactional_id, self.output_topic)
 
     # ---- workers: keep results beside the record -------------------------------------------

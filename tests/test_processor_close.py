@@ -5,6 +5,9 @@ gather librdkafka instances, their threads and their connections."""
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import pytest
 from confluent_kafka import KafkaException
 from processor_support import Running
@@ -66,3 +69,21 @@ def test_a_processor_that_cannot_set_up_its_topics_closes_every_client(
     for producer in producers:
         with pytest.raises(RuntimeError, match="closed"):
             producer.produce(src, b"after the failed start")
+
+
+def _librdkafka_threads() -> int:
+    return sum(1 for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().startswith("rdk:"))
+
+
+def test_an_exactly_once_member_without_a_coordinator_closes_every_client(monkeypatch, group_id):
+    """init_transactions times out (no broker at all): the consumer and both producers made before
+    it are closed, so their librdkafka threads are gone when run() raises."""
+    monkeypatch.setattr("logferry.processors.exactly_once.TXN_TIMEOUT", 1.0)
+    app = Processor(group_id, ["t"], bootstrap_servers="127.0.0.1:1", exactly_once=True, output_topic="out",
+                    live_replay=False)  # fmt: skip
+    app.handler(lambda _entry, _ctx: None)
+    gc.collect()  # clients other tests left to the collector go now, not during the count
+    before = _librdkafka_threads()
+    with pytest.raises(KafkaException):
+        app.run(install_signals=False)
+    assert _librdkafka_threads() <= before
