@@ -99,26 +99,27 @@ def make_lines(n_distinct: int, size: int) -> list[bytes]:
     return lines
 
 
+def split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` shares that differ by at most one."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 def feed_unix(path: Path, lines: list[bytes], total: int, clients: int) -> int:
     """The generator: `total` lines over `clients` unix stream connections; returns the lines sent."""
-    per_client = total // clients
     chunk = b"".join(lines)
 
-    def write() -> None:
+    def write(count: int) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(path))
-            left = per_client
+            left = count
             while left > 0:
                 n = min(left, len(lines))
                 s.sendall(chunk if n == len(lines) else b"".join(lines[:n]))
                 left -= n
+        return count
 
-    writers = [threading.Thread(target=write) for _ in range(clients)]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
-    return per_client * clients
+    with ThreadPoolExecutor(clients) as pool:  # a refused connection or broken pipe is raised here
+        return sum(pool.map(write, split(total, clients)))
 
 
 @contextlib.contextmanager
@@ -145,11 +146,13 @@ def timed_feed(bootstrap: str, topic: str, procs: list[subprocess.Popen[bytes]],
                lines: list[bytes], total: int, clients: int) -> Sample:  # fmt: skip
     """Feed running daemons through their sockets, the lines and clients split evenly between them;
     stop the clock when Kafka holds every line. CPU and peak RSS are the daemons' together."""
+    if clients < len(socks):
+        raise ValueError(f"{clients} client(s) cannot feed {len(socks)} daemons")
     cpu0 = sum(proc_stats(p.pid)[0] for p in procs)
-    share, each = total // len(socks), max(1, clients // len(socks))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(socks)) as pool:  # a feeder's failure is raised here, not lost in a thread
-        sent = sum(pool.map(lambda sock: feed_unix(sock, lines, share, each), socks))
+        feeds = pool.map(feed_unix, socks, [lines] * len(socks), split(total, len(socks)), split(clients, len(socks)))
+        sent = sum(feeds)
     wait_delivered(bootstrap, topic, sent)
     seconds = time.perf_counter() - t0
     stats = [proc_stats(p.pid) for p in procs]
@@ -377,9 +380,10 @@ def measure(
     ours = ("logferry", "logferry-pinned", "logferry-x2", "producer-perf", "python-loop")
     chosen = [p for p in peers if p in ours or ensure_peer(p, report, install)]
     cpus = sorted(os.sched_getaffinity(0))
-    if "logferry-x2" in chosen and len(cpus) < 2:
+    if "logferry-x2" in chosen and (len(cpus) < 2 or clients < 2):
         chosen.remove("logferry-x2")
-        report.skip("logferry-x2", f"two agents pinned to two CPUs, but this process may use only CPU {cpus[0]}")
+        why = f"this process may use only CPU {cpus[0]}" if len(cpus) < 2 else "--clients is 1"
+        report.skip("logferry-x2", f"two agents pinned to two CPUs, each fed by its own clients, but {why}")
     for p in PEERS:
         if p not in peers:
             report.skip(p, "not selected with --peers")
