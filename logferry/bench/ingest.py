@@ -10,7 +10,9 @@ compression.type=zstd, linger.ms and batch.size from the agent's `SinkSettings` 
   uses more than the one core its GIL allows.
 - Kafka ProducerPerformance (from the broker's jars) with `--payload-file` of the same lines.
 - rsyslog + omkafka: its own rsyslogd instance (tmp config, pid and work dir), fed by the
-  same generator through `imptcp` listening on a unix socket, `%rawmsg%` template.
+  same generator through `imptcp` listening on a unix socket, `%rawmsg%` template, and
+  `resubmitOnFailure` on: by default omkafka drops a line librdkafka's full queue refuses
+  ("Local: Queue full"), and the agent is measured losing nothing.
 - kcat -P -l FILE: the same lines from a file.
 - a bare confluent-kafka loop (the Python ceiling): the same lines from a file, one
   `produce()` per line with the agent's headers, timestamp and delivery reports (failures
@@ -215,11 +217,15 @@ module(load="imptcp")
 module(load="omkafka")
 template(name="raw" type="string" string="%rawmsg%")
 input(type="imptcp" path="{sock}" unlink="on" supportOctetCountedFraming="off")
-action(type="omkafka" broker=[{brokers}] topic="{topic}" template="raw" confParam=[{conf_params}])
+action(type="omkafka" broker=[{brokers}] topic="{topic}" template="raw" confParam=[{conf_params}]
+       resubmitOnFailure="on")
 """)
         cmd = ["rsyslogd", "-n", "-f", str(work / "rsyslog.conf"), "-i", str(work / "rsyslogd.pid")]
         with daemon(cmd, sock.exists, work / "rsyslog.log", cwd=work) as proc:
-            return timed_feed(bootstrap, topic, [proc], [sock], lines, total, clients)
+            try:
+                return timed_feed(bootstrap, topic, [proc], [sock], lines, total, clients)
+            except RuntimeError as e:  # lines missing: rsyslog's own account of them
+                raise RuntimeError(f"{e}; rsyslog said: {(work / 'rsyslog.log').read_text()[-2000:]}") from None
 
 
 def run_kcat(bootstrap: str, lines: list[bytes], total: int) -> Sample:
