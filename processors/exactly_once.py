@@ -134,25 +134,23 @@ class ExactlyOnceRuntime(Runtime):
         # A transaction whose commit timed out: its (state, offset) moves, applied once it commits.
         self._in_doubt: list[tuple[PartitionState, int]] | None = None
         super().__init__(settings, kafka, self._collecting(handler), **kwargs)
-        self.router.divert = self._divert
-        assert settings.output_topic is not None
-        self.output_topic = settings.output_topic
-        self.transactional_id = transactional_id(settings)
-        txn_config = kafka.client_config(**{
-            "transactional.id": self.transactional_id,
-            "transaction.timeout.ms": int(TXN_TIMEOUT * 1000),
-            "linger.ms": 5,
-            "error_cb": self._on_error,
-        })  # fmt: skip
-        self.max_message_bytes = int(txn_config.get("message.max.bytes", 1_000_000))
-        self.txn = Producer(txn_config)
-        try:
+        try:  # the consumer and producer exist now: a failure below must close them
+            self.router.divert = self._divert
+            assert settings.output_topic is not None
+            self.output_topic = settings.output_topic
+            self.transactional_id = transactional_id(settings)
+            txn_config = kafka.client_config(**{
+                "transactional.id": self.transactional_id,
+                "transaction.timeout.ms": int(TXN_TIMEOUT * 1000),
+                "linger.ms": 5,
+                "error_cb": self._on_error,
+            })  # fmt: skip
+            self.max_message_bytes = int(txn_config.get("message.max.bytes", 1_000_000))
+            self.txn = Producer(txn_config)  # refused e.g. with [kafka.extra] enable.idempotence = false
             # Fences a predecessor with the same id and aborts its open transaction, if any.
-            self.txn.init_transactions(TXN_TIMEOUT)
-        except BaseException:  # e.g. no coordinator within the timeout: the clients made so far close
-            with warnings.catch_warnings():  # close() cannot abort the unfinished init: it would only say so
-                warnings.simplefilter("ignore", RuntimeWarning)
-                self._close()
+            self.txn.init_transactions(TXN_TIMEOUT)  # fails e.g. with no coordinator within the timeout
+        except BaseException:
+            self._close_unstarted()
             raise
         log.info("exactly-once: transactional.id %s, results to %s", self.transactional_id, self.output_topic)
 
@@ -322,6 +320,18 @@ class ExactlyOnceRuntime(Runtime):
             super()._release(partitions, commit)  # commits (through self.commit) when revoked, not when lost
         finally:
             self._retire(states)
+
+    def _close_unstarted(self) -> None:
+        """__init__ failed: close the clients made so far; the caller raises the cause, so closing
+        only logs its own trouble (and close() cannot abort an unfinished init: it would only say so)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                super()._close()
+                if (txn := getattr(self, "txn", None)) is not None:
+                    close_producer(txn, 5)
+        except Exception:
+            log.warning("closing the clients of a member that could not start", exc_info=True)
 
     def _close(self) -> None:
         try:

@@ -12,6 +12,7 @@ import pytest
 from confluent_kafka import KafkaException
 from processor_support import Running
 
+from logferry.kafka import KafkaSettings
 from logferry.processors import Processor
 
 pytestmark = pytest.mark.kafka
@@ -75,12 +76,15 @@ def _librdkafka_threads() -> int:
     return sum(1 for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().startswith("rdk:"))
 
 
-def test_an_exactly_once_member_without_a_coordinator_closes_every_client(monkeypatch, group_id):
-    """init_transactions times out (no broker at all): the consumer and both producers made before
-    it are closed, so their librdkafka threads are gone when run() raises."""
+@pytest.mark.parametrize("failure", ["no coordinator", "transactional producer refused"])
+def test_an_exactly_once_member_that_cannot_start_closes_every_client(monkeypatch, group_id, failure):
+    """init_transactions times out (no broker at all), or the transactional producer cannot be
+    made: the consumer and producers made before are closed, so their librdkafka threads are
+    gone when run() raises."""
     monkeypatch.setattr("logferry.processors.exactly_once.TXN_TIMEOUT", 1.0)
-    app = Processor(group_id, ["t"], bootstrap_servers="127.0.0.1:1", exactly_once=True, output_topic="out",
-                    live_replay=False)  # fmt: skip
+    extra = {"enable.idempotence": False} if failure == "transactional producer refused" else {}
+    app = Processor(group_id, ["t"], kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1", extra=extra),
+                    exactly_once=True, output_topic="out", live_replay=False)  # fmt: skip
     app.handler(lambda _entry, _ctx: None)
     gc.collect()  # clients other tests left to the collector go now, not during the count
     before = _librdkafka_threads()
