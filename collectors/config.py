@@ -108,7 +108,7 @@ class FilterSettings(StrictModel):
 class RouteSettings(StrictModel):
     # Placeholders name entry fields or attributes: "logs.{service}", "logs.{host}.{level}".
     topic: str = "logs"
-    default_value: str = "unknown"  # what a placeholder becomes when the field is missing (made topic-safe too)
+    default_value: str = Field("unknown", min_length=1)  # for a missing field; made topic-safe like any value
     priority_topic: str | None = None  # entries at or above priority_level go here
     priority_level: Level = "error"
 
@@ -131,6 +131,13 @@ class RouteSettings(StrictModel):
         literal = "".join(text + ("x" if name else "") for text, name, _, _ in parts)
         if (problem := topic_problem(literal[:249] if fields else literal)) is not None:
             raise ValueError(f"bad topic template {v!r}: {problem}")
+        return v
+
+    @field_validator("default_value")
+    @classmethod
+    def _default(cls, v: str) -> str:
+        if set(v) == {"."}:  # "{service}" would become "." or "..": names Kafka refuses
+            raise ValueError(f"default_value {v!r} can render a topic of dots only, which Kafka refuses")
         return v
 
 

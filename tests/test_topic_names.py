@@ -90,6 +90,8 @@ def test_processor_api_refuses_before_making_a_client():
         ({"topic": "logs.{service!r}"}, "bare field names"),  # would render logs.'api'
         ({"topic": "logs.{service:>20}"}, "bare field names"),  # would pad with spaces
         ({"topic": "logs.{{service}}"}, "'{}'"),  # escaped braces are literal braces
+        ({"topic": "{service}", "default_value": ""}, "default_value"),  # an entry without service: topic ''
+        ({"topic": "{service}{host}", "default_value": "."}, "dots only"),  # would render '..'
     ],
 )
 def test_agent_route_refuses_a_topic_kafka_would(route, said):
