@@ -112,6 +112,7 @@ def feed_unix(path: Path, lines: list[bytes], total: int, clients: int) -> int:
 
     def write(count: int) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(60)  # a daemon that stops reading fails the run instead of hanging it
             s.connect(str(path))
             left = count
             while left > 0:
