@@ -267,12 +267,21 @@ class KafkaSink:
         self._thread.join(grace)
         self._stop.set()  # also ends a produce waiting on librdkafka's full queue (its batch goes back)
         self._thread.join(5)
-        left = len(self.buffer) + len(self.producer)
-        return left
+        return self._left()
 
     def stop_now(self) -> int:
         self._stop.set()
         self._thread.join(5)
+        return self._left()
+
+    def _left(self) -> int:
+        """Entries the buffer and the producer still hold, the sink thread stopped. librdkafka's
+        len() also counts callbacks waiting to be served (with Kafka away, an error event per
+        failed connection), so they are served first: each would be counted as an entry."""
+        if not self._thread.is_alive():  # else its poll() serves them: callbacks stay on one thread
+            while self.producer.poll(0):
+                pass
+            self._flush_tallies()
         return len(self.buffer) + len(self.producer)
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ as somebody else's delivery, and every delivered entry gets exactly one latency 
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from logferry.collectors.buffer import Buffer, Record
 from logferry.collectors.config import SinkSettings
 from logferry.collectors.sink import CountedDeliveries, KafkaSink
 from logferry.collectors.testing import wait_until
+from logferry.kafka import KafkaSettings
 from logferry.schemas import default_codec
 
 
@@ -163,3 +165,20 @@ def test_a_failure_served_while_waiting_for_queue_room_is_not_counted_delivered(
     assert sink.failed_total == 1
     assert sink.delivered_total == n
     assert delivered(small, ok) == n
+
+
+def test_what_is_left_at_shutdown_counts_entries_not_kafkas_queued_error_events():
+    """With Kafka away librdkafka queues an error event per failed connection, and its len() counts
+    them beside the entries: counted as left, they made a drained agent report more undelivered
+    entries than it ever took (25001 of 25000) and a finite run exit 1."""
+    with socket.socket() as refusing:  # bound, never listening: every connection refused
+        refusing.bind(("127.0.0.1", 0))
+        kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{refusing.getsockname()[1]}")
+        buffer = Buffer(100, 1 << 20)
+        buffer.put([("logs", None, entry(str(i)), int(time.time() * 1000), "s", None) for i in range(5)])
+        sink = KafkaSink(kafka, SinkSettings(), buffer, {}).start()
+        wait_until(lambda: sink.produced_total == 5, what="the entries handed to librdkafka")
+        assert sink.stop_now() == 5  # the sink thread stops polling; librdkafka goes on failing to connect
+        wait_until(lambda: len(sink.producer) > 5, what="an error event queued beside the five entries")
+        assert sink.drain(0) == 5
+        sink.close()
