@@ -6,9 +6,9 @@ gather librdkafka instances, their threads and their connections."""
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import pytest
+from affinity_support import kafka_threads
 from confluent_kafka import KafkaException
 from processor_support import Running
 
@@ -72,10 +72,6 @@ def test_a_processor_that_cannot_set_up_its_topics_closes_every_client(
             producer.produce(src, b"after the failed start")
 
 
-def _librdkafka_threads() -> int:
-    return sum(1 for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().startswith("rdk:"))
-
-
 @pytest.mark.parametrize("failure", ["no coordinator", "transactional producer refused"])
 def test_an_exactly_once_member_that_cannot_start_closes_every_client(monkeypatch, group_id, failure):
     """init_transactions times out (no broker at all), or the transactional producer cannot be
@@ -87,7 +83,7 @@ def test_an_exactly_once_member_that_cannot_start_closes_every_client(monkeypatc
                     exactly_once=True, output_topic="out", live_replay=False)  # fmt: skip
     app.handler(lambda _entry, _ctx: None)
     gc.collect()  # clients other tests left to the collector go now, not during the count
-    before = _librdkafka_threads()
+    before = len(kafka_threads())
     with pytest.raises(KafkaException):
         app.run(install_signals=False)
-    assert _librdkafka_threads() <= before
+    assert len(kafka_threads()) <= before

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from affinity_support import kafka_threads
 from processor_support import Running, committed, entry, log_end, produce, read_topic, run_in_thread, wait_for
 
 from logferry.errors import ConfigError
@@ -115,10 +115,6 @@ def test_inline_with_a_failing_dependency_still_polls_and_stops_within_the_grace
     assert time.monotonic() - stopping < 1.0 + 0.4 + 5  # grace + the record running + leaving the group
 
 
-def _librdkafka_threads() -> int:
-    return sum(1 for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().startswith("rdk:"))
-
-
 def test_inline_refuses_an_async_handler_and_leaves_no_client_behind(kafka_bootstrap, group_id):
     app = Processor(group=group_id, topics=["never-created"], bootstrap_servers=kafka_bootstrap, inline=True)
 
@@ -126,9 +122,9 @@ def test_inline_refuses_an_async_handler_and_leaves_no_client_behind(kafka_boots
     async def handle(e, ctx):
         return None
 
-    before = _librdkafka_threads()
+    before = len(kafka_threads())
     with pytest.raises(ConfigError, match="inline") as refused:
         app.run(install_signals=False)
     # While the traceback (and with it every frame's locals) is still alive: the live-replay
     # listener made before the runtime was refused has closed its clients.
-    assert refused.traceback and _librdkafka_threads() == before
+    assert refused.traceback and len(kafka_threads()) == before
